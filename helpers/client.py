@@ -1,0 +1,147 @@
+"""The private-prediction client: share an input, send shares, open the answer here.
+
+The input is encoded as fixed-point numbers in the 64-bit ring that SecureNN
+uses, split into two additive shares with the operating system's secure
+random generator, and each share goes to one worker. The answer comes back
+as two shares that are added together on this process's own device, so no
+worker ever holds an opened input or result.
+"""
+from __future__ import annotations
+
+import os
+import threading
+import time
+import uuid
+from typing import Sequence, Tuple
+
+import numpy as np
+import tensorflow as tf
+
+from . import channel as ch
+from . import mpc
+from .errors import StepTimeoutError, WorkerDownError
+from .validation import check_input
+
+_HEALTH_EVERY = 0.5   # seconds between worker checks while waiting
+_POLL = 0.001         # seconds between looks at the answer queue
+
+
+def secret_share(encoded: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
+    """Split int64 ring elements into two additive shares (mod 2**64).
+
+    share0 is uniformly random; share1 = encoded - share0 (numpy int64
+    arithmetic wraps around, which is exactly arithmetic mod 2**64). Either
+    share alone is uniformly distributed and says nothing about ``encoded``.
+    """
+    encoded = np.asarray(encoded, dtype=np.int64)
+    share0 = np.frombuffer(os.urandom(encoded.size * 8), dtype=np.int64).reshape(encoded.shape)
+    with np.errstate(over="ignore"):
+        share1 = encoded - share0
+    return share0, share1
+
+
+def open_on_device(share0: tf.Tensor, share1: tf.Tensor, scaling_factor: float,
+                   device: str = mpc.LOCAL_DEVICE) -> tf.Tensor:
+    """Combine two result shares on ``device`` and decode the fixed-point values.
+
+    Both shares are copied to ``device`` (by default this process's CPU) and
+    added there; the combined value exists nowhere else.
+    """
+    with tf.device(device):
+        combined = tf.add(share0, share1)  # int64 addition wraps: mod 2**64
+        return tf.cast(combined, tf.float64) / scaling_factor
+
+
+class PrivateClient:
+    """A client of one served model. Used through `TFEWorker.connect_to_model`."""
+
+    def __init__(self, input_shape: Sequence[int], output_shape: Sequence[int], cluster,
+                 model_name: str = "model") -> None:
+        self.input_shape = tuple(int(d) for d in input_shape)
+        self.output_shape = tuple(int(d) for d in output_shape)
+        self.cluster = cluster
+        self.model_name = model_name
+        self.protocol = None
+        self.channel = None
+        self._lock = threading.Lock()  # one request in flight per client
+        self._new_identity()
+        self.last_open_device = None
+
+    def _new_identity(self) -> None:
+        # A fresh id means fresh queues: an answer that arrives after we gave
+        # up on it lands in the old queues and can never be mistaken for a
+        # later answer.
+        self.client_id = uuid.uuid4().hex
+        self._queues = None
+
+    def connect(self, timeout: float) -> None:
+        """Connect and wait until the model is served (up to ``timeout`` s)."""
+        deadline = time.monotonic() + timeout
+        self.protocol = mpc.connect(self.cluster, timeout, during="while connecting to the model")
+        self.channel = ch.Channel(self.protocol, self.model_name, self.input_shape,
+                                  self.output_shape)
+        self._scaling = float(self.protocol.fixedpoint_config.scaling_factor)
+        self._wait(lambda: ch.size(self.channel.ready) > 0, deadline,
+                   f"waiting for model '{self.model_name}' to be served",
+                   hint="Run share(model, cluster).serve() in the serving process.",
+                   progress=True)
+
+    def close(self) -> None:
+        """Forget the connection (the workers keep running)."""
+        self.channel = None
+
+    def _wait(self, condition, deadline: float, step: str, hint: str = "",
+              progress: bool = False) -> None:
+        """Poll ``condition`` until true; check the workers now and then; bounded."""
+        last_health = last_report = start = time.monotonic()
+        while True:
+            try:
+                if condition():
+                    return
+            except tf.errors.OpError as exc:
+                self.cluster.check(during=step)
+                raise WorkerDownError("?", "?", f"{step} ({type(exc).__name__})") from exc
+            now = time.monotonic()
+            if now >= deadline:
+                raise StepTimeoutError(f"timed out {step}. {hint}".strip())
+            if now - last_health >= _HEALTH_EVERY:
+                self.cluster.check(during=step)
+                last_health = now
+            if progress and now - last_report >= 5.0:
+                print(f"  still {step} ... {now - start:.0f} s")
+                last_report = now
+            time.sleep(_POLL if not progress else 0.1)
+
+    def query(self, x, timeout: float = 60.0) -> np.ndarray:
+        """Send ``x`` as secret shares, wait for the answer, open it here."""
+        if self.channel is None:
+            from .errors import NotConnectedError
+            raise NotConnectedError("call connect_to_model(...) before query_model()")
+        x = check_input(x, self.input_shape)
+        with self._lock:
+            deadline = time.monotonic() + timeout
+            if self._queues is None:
+                self._queues = (self.channel.inputs(self.client_id),
+                                self.channel.outputs(self.client_id))
+            (in0, in1), (out0, out1) = self._queues
+            share0, share1 = secret_share(self.protocol._encode(x, apply_scaling=True))
+            try:
+                in0.enqueue(tf.constant(share0))
+                in1.enqueue(tf.constant(share1))
+                # The ticket goes last: the server must find both shares waiting.
+                self.channel.tickets.enqueue(tf.constant(self.client_id))
+                self._wait(lambda: ch.size(out0) > 0 and ch.size(out1) > 0, deadline,
+                           "waiting for the private prediction",
+                           hint="Is serve() running, with requests left to answer?")
+            except StepTimeoutError:
+                self._new_identity()
+                raise
+            except tf.errors.OpError as exc:
+                self._new_identity()
+                self.cluster.check(during="while sending the query")
+                raise WorkerDownError("?", "?", f"while querying ({type(exc).__name__})") from exc
+            opened = open_on_device(out0.dequeue(), out1.dequeue(), self._scaling)
+            self.last_open_device = opened.device
+            result = opened.numpy().astype(np.float32)
+            self.channel.acks.enqueue(tf.constant(self.client_id))
+            return result

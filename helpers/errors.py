@@ -1,0 +1,53 @@
+"""Exceptions raised by the helpers package.
+
+Every error says what failed and what to do about it, so a reader in a
+notebook can act on the message without reading a traceback.
+"""
+
+
+class HelpersError(Exception):
+    """Base class for every error raised on purpose by this package."""
+
+
+class PortInUseError(HelpersError):
+    """A worker's port is already taken by another process."""
+
+    def __init__(self, port: int, host: str = "localhost") -> None:
+        self.port = port
+        super().__init__(
+            f"port {port} on {host} is already in use. Pick another port, "
+            "pass host=None to let the package choose a free one, or stop the "
+            "process that holds it (`python -m helpers status` lists ours)."
+        )
+
+
+class WorkerStartError(HelpersError):
+    """A worker process exited or never started listening."""
+
+
+class WorkerDownError(HelpersError):
+    """A worker does not answer on its address."""
+
+    def __init__(self, name: str, host: str, during: str) -> None:
+        self.worker = name
+        self.host = host
+        super().__init__(
+            f"worker {name} ({host}) is not answering {during}. Is it running? "
+            "Check its log (cluster.logs()), or start the cluster again."
+        )
+
+
+class StepTimeoutError(HelpersError, TimeoutError):
+    """A step did not finish within its timeout."""
+
+
+class ConfigError(HelpersError):
+    """A cluster config file is missing, unreadable or malformed."""
+
+
+class NotConnectedError(HelpersError):
+    """A client method was used before `connect_to_model`."""
+
+
+class ServingStoppedError(HelpersError):
+    """`serve()` was called on a model whose serving was stopped."""

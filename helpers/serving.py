@@ -1,0 +1,207 @@
+"""Secret-share a Keras model across a cluster and serve private predictions."""
+from __future__ import annotations
+
+import time
+from typing import Optional
+
+import numpy as np
+import tensorflow as tf
+import tf_encrypted as tfe
+from tf_encrypted.protocol.pond import PondPrivateTensor
+
+from . import channel as ch
+from . import mpc
+from .errors import ServingStoppedError, StepTimeoutError, WorkerDownError
+
+SUPPORTED_LAYERS = {"Conv2D", "AveragePooling2D", "ReLU", "Activation", "Flatten", "Dense",
+                    "InputLayer"}
+_HEALTH_EVERY = 0.5     # seconds between worker checks while idle
+_POLL = 0.002           # seconds between looks at the ticket queue when idle
+_ACK_WAIT = 30.0        # how long the last answers may take to reach their clients
+
+
+def _check_model(model: tf.keras.Model) -> None:
+    if not isinstance(model, tf.keras.Sequential):
+        raise TypeError(f"share() takes a tf.keras.Sequential model, got {type(model).__name__}")
+    unsupported = sorted({type(layer).__name__ for layer in model.layers} - SUPPORTED_LAYERS)
+    if unsupported:
+        raise ValueError(f"layers not supported for private prediction: {', '.join(unsupported)}. "
+                         f"Supported: {', '.join(sorted(SUPPORTED_LAYERS - {'InputLayer'}))}.")
+    try:
+        shape = model.input_shape
+    except AttributeError:
+        raise ValueError("the model has no input shape yet: build it with a fixed "
+                         "batch_input_shape, e.g. (1, 28, 28, 1)") from None
+    if shape[0] is None:
+        raise ValueError(f"the model's batch size is not fixed ({shape}): rebuild it with "
+                         "batch_input_shape=(BATCH, ...) so shares have a known shape")
+
+
+class SharedModel:
+    """A Keras model whose weights are secret-shared across three workers.
+
+    Create it with `share(model, cluster)`. The process that calls `share`
+    is the model owner: it holds the plaintext weights and sends only shares.
+    """
+
+    def __init__(self, model: tf.keras.Sequential, cluster, name: str = "model",
+                 timeout: float = 120.0, verbose: bool = True) -> None:
+        _check_model(model)
+        self.cluster = cluster
+        self.name = name
+        self.verbose = verbose
+        self.input_shape = tuple(model.input_shape)
+        self.output_shape = tuple(model.output_shape)
+        self._stopped = False
+        self.served = 0
+        start = time.monotonic()
+        self.protocol = mpc.connect(cluster, timeout, during="while sharing the model")
+        self.channel = ch.Channel(self.protocol, name, self.input_shape, self.output_shape)
+        # clone_model shares every weight: blocks if a worker is unreachable.
+        self._tfe_model = mpc.call_with_timeout(lambda: tfe.keras.models.clone_model(model),
+                                                timeout, "sharing the model weights")
+        self._compute = tf.function(self._forward)
+        # Trace once now, so the first client does not wait for it.
+        mpc.call_with_timeout(self._warm_up, timeout, "preparing the private computation")
+        if verbose:
+            print(f"Model shared across 3 workers in {time.monotonic() - start:.1f} s "
+                  f"(input {self.input_shape}, output {self.output_shape}).")
+
+    def _forward(self, share0: tf.Tensor, share1: tf.Tensor):
+        """Run the shared model on a secret-shared input; returns output shares."""
+        factory = self.protocol.tensor_factory
+        # Inside a tf.function the inputs carry no device; pin each share to
+        # its worker (TF Encrypted asserts on the device of every share).
+        with tf.device(mpc.device_of(self.protocol, 0)):
+            x0 = factory.tensor(tf.identity(share0), encode=False)
+        with tf.device(mpc.device_of(self.protocol, 1)):
+            x1 = factory.tensor(tf.identity(share1), encode=False)
+        y = self._tfe_model(PondPrivateTensor(self.protocol, x0, x1, True))
+        y0, y1 = y.unwrapped
+        return y0.value, y1.value
+
+    def _warm_up(self) -> None:
+        zeros = np.zeros(self.input_shape, dtype=np.int64)
+        shares = []
+        for party in (0, 1):
+            with tf.device(mpc.device_of(self.protocol, party)):
+                shares.append(tf.identity(tf.constant(zeros)))
+        out0, _ = self._compute(*shares)
+        out0.numpy()  # wait for the computation to finish
+
+    def share_of(self, layer_index: int = 0, party: int = 0) -> np.ndarray:
+        """One worker's share of a layer's first weight, as that worker sees it.
+
+        For the tutorial: it looks like noise, the point of secret sharing.
+        """
+        layer = self._tfe_model.layers[layer_index]
+        weight = layer.weights[0]
+        shares = weight.unwrapped
+        return shares[party].value.numpy()
+
+    def serve(self, num_requests: Optional[int] = None, timeout: Optional[float] = None) -> int:
+        """Answer ``num_requests`` private requests (all, if None, until `stop()`).
+
+        ``timeout`` bounds the whole call in seconds; None waits for requests
+        as long as it takes. Prints one line per request. Returns how many
+        requests were answered. Raises `WorkerDownError` naming a worker that
+        stops answering, and `StepTimeoutError` when ``timeout`` runs out.
+        """
+        if self._stopped:
+            raise ServingStoppedError("this model's serving was stopped; share it again to serve")
+        if num_requests is not None and num_requests < 0:
+            raise ValueError(f"num_requests must be >= 0, got {num_requests}")
+        deadline = None if timeout is None else time.monotonic() + timeout
+        channel = self.channel
+        answered = 0
+        waiting_acks = 0
+        last_health = 0.0
+        if ch.size(channel.ready) == 0:
+            channel.ready.enqueue(tf.constant("serving"))
+        if self.verbose:
+            total = "until stopped" if num_requests is None else f"{num_requests} requests"
+            print(f"Serving {total} ...")
+        try:
+            while num_requests is None or answered < num_requests:
+                if self._stopped:
+                    break
+                if ch.size(channel.tickets) == 0:
+                    now = time.monotonic()
+                    if deadline is not None and now >= deadline:
+                        raise StepTimeoutError(
+                            f"serve() answered {answered} of {num_requests} requests before its "
+                            f"timeout of {timeout:.0f} s. Are the clients running?")
+                    if now - last_health >= _HEALTH_EVERY:
+                        self.cluster.check(during="while serving")
+                        last_health = now
+                    time.sleep(_POLL)
+                    continue
+                started = time.monotonic()
+                client_id = ch.take_string(channel.tickets)
+                in0, in1 = channel.inputs(client_id)
+                out0, out1 = channel.outputs(client_id)
+                y0, y1 = self._compute(in0.dequeue(), in1.dequeue())
+                out0.enqueue(y0)
+                out1.enqueue(y1)
+                answered += 1
+                waiting_acks += 1
+                self.served += 1
+                if self.verbose:
+                    print(f"  request {self.served:>3} answered in "
+                          f"{(time.monotonic() - started) * 1000:.0f} ms")
+                waiting_acks -= self._drain_acks()
+        except tf.errors.OpError as exc:
+            self._raise_worker_problem(exc, "while serving")
+        self._wait_for_acks(waiting_acks)
+        return answered
+
+    def _drain_acks(self) -> int:
+        acks = 0
+        while ch.size(self.channel.acks) > 0:
+            ch.take_string(self.channel.acks)
+            acks += 1
+        return acks
+
+    def _wait_for_acks(self, waiting: int) -> None:
+        """Keep the workers needed until every answered client holds its answer."""
+        deadline = time.monotonic() + _ACK_WAIT
+        try:
+            while waiting > 0 and time.monotonic() < deadline:
+                waiting -= self._drain_acks()
+                if waiting > 0:
+                    time.sleep(0.01)
+        except tf.errors.OpError as exc:
+            self._raise_worker_problem(exc, "while waiting for clients to collect answers")
+        if waiting > 0 and self.verbose:
+            print(f"Warning: {waiting} answer(s) not collected by their clients "
+                  f"within {_ACK_WAIT:.0f} s.")
+
+    def _raise_worker_problem(self, exc: Exception, during: str) -> None:
+        self.cluster.check(during=during)  # names the worker if one is down
+        raise WorkerDownError("?", "?", f"{during} ({type(exc).__name__}: {exc})") from exc
+
+    def stop(self) -> None:
+        """Stop serving: withdraw the model so new clients wait for another one."""
+        if self._stopped:
+            return
+        self._stopped = True
+        try:
+            mpc.call_with_timeout(lambda: self._withdraw(), 10.0, "withdrawing the model")
+        except Exception:  # workers already gone: nothing left to withdraw
+            pass
+        if self.verbose:
+            print(f"Stopped serving after {self.served} requests.")
+
+    def _withdraw(self) -> None:
+        while ch.size(self.channel.ready) > 0:
+            self.channel.ready.dequeue()
+
+
+def share(model: tf.keras.Sequential, cluster, name: str = "model", timeout: float = 120.0,
+          verbose: bool = True) -> SharedModel:
+    """Secret-share a Keras model across ``cluster`` with SecureNN; return a `SharedModel`.
+
+    ``model`` must be a ``tf.keras.Sequential`` of Conv2D, AveragePooling2D,
+    ReLU/Activation, Flatten and Dense layers with a fixed batch size.
+    """
+    return SharedModel(model, cluster, name=name, timeout=timeout, verbose=verbose)
