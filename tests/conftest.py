@@ -1,0 +1,65 @@
+"""Shared fixtures. Every test run keeps its cluster records in its own folder."""
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+# Before helpers is imported anywhere: records of this run go to a private folder,
+# so tests never see (or clean up) a reader's own clusters.
+_home = tempfile.mkdtemp(prefix="tfe-helpers-tests-")
+os.environ["TFE_HELPERS_HOME"] = _home
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+
+def our_worker_pids():
+    """PIDs of running worker processes whose config lives under this run's folder."""
+    from helpers import processes
+
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            args = processes.command_line(int(entry.name))
+            if processes.WORKER_MODULE in args and any(_home in a for a in args):
+                pids.append(int(entry.name))
+    return pids
+
+
+def run_helpers(*args, timeout=300, check=True, **kwargs):
+    """Run ``python -m helpers ARGS`` in a child process; return the CompletedProcess."""
+    proc = subprocess.run([sys.executable, "-m", "helpers", *map(str, args)], cwd=ROOT,
+                          capture_output=True, text=True, timeout=timeout, **kwargs)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"helpers {args[0]} failed ({proc.returncode}):\n"
+                             f"{proc.stdout}\n{proc.stderr}")
+    return proc
+
+
+@pytest.fixture
+def helpers_home():
+    return Path(_home)
+
+
+@pytest.fixture(scope="session")
+def seed_weights(tmp_path_factory):
+    """Weights of a briefly trained seed CNN (plus the test images' labels)."""
+    import numpy as np
+    import tensorflow as tf
+
+    from helpers import load_mnist
+    from helpers.models import as_model_input, seed_cnn
+
+    (x_train, y_train), _ = load_mnist()
+    tf.keras.utils.set_random_seed(1)
+    model = seed_cnn()
+    model.compile(optimizer="adam",
+                  loss=tf.keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    model.fit(as_model_input(x_train[:12000]), y_train[:12000], batch_size=128, epochs=1,
+              verbose=0)
+    path = tmp_path_factory.mktemp("weights") / "seed.h5"
+    model.save_weights(path)
+    assert np.isfinite(model.get_weights()[0]).all()
+    return path

@@ -1,0 +1,80 @@
+"""The whole flow with real processes: workers, a serving process and clients.
+
+The pytest process only owns the workers; serving and querying run in child
+processes (`python -m helpers serve` / `query`), as a reader runs them in two
+notebooks, so no test leaves a TensorFlow connection behind in pytest itself.
+"""
+import json
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from conftest import ROOT, our_worker_pids, run_helpers
+from helpers import StepTimeoutError, TFECluster, TFEWorker, WorkerDownError
+from helpers.mpc import LOCAL_DEVICE
+
+pytestmark = pytest.mark.integration
+
+
+def _spawn(*args):
+    return subprocess.Popen([sys.executable, "-m", "helpers", *map(str, args)], cwd=ROOT,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def _finish(proc, timeout=600):
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        out, err = proc.communicate()
+        raise AssertionError(f"process timed out:\n{out}\n{err}")
+    assert proc.returncode == 0, f"exit {proc.returncode}:\n{out}\n{err}"
+    return out
+
+
+def _rows(out):
+    return [json.loads(line) for line in out.splitlines() if line.startswith("{")]
+
+
+def test_private_predictions_match_plaintext_across_processes(tmp_path, seed_weights):
+    config = tmp_path / "cluster.json"
+    with TFECluster(TFEWorker(), TFEWorker(), TFEWorker()) as cluster:
+        cluster.save(config)
+        # Client first: it must wait for the model to be served.
+        client = _spawn("query", "--config", config, "--weights", seed_weights, "--images", 4,
+                        "--json", "--timeout", 300)
+        time.sleep(2)
+        server = _spawn("serve", "--config", config, "--weights", seed_weights,
+                        "--requests", 4, "--timeout", 300)
+        rows = _rows(_finish(client))
+        served = _finish(server)
+        pids = list(cluster.pids().values())
+    assert len(rows) == 4
+    for row in rows:
+        private, plain = np.array(row["logits"]), np.array(row["plaintext"])
+        assert np.abs(private - plain).max() < 1e-2, row
+        assert private.argmax() == plain.argmax()
+        # The answer was opened in the client process, never on a worker.
+        assert row["opened_on"] == LOCAL_DEVICE
+    assert served.count("answered in") == 4
+    assert not set(pids) & set(our_worker_pids())
+
+
+def test_a_query_against_workers_that_are_down_fails_fast(tmp_path):
+    config = tmp_path / "cluster.json"
+    with TFECluster(TFEWorker(), TFEWorker(), TFEWorker(), verbose=False) as cluster:
+        cluster.save(config)
+        attached = TFECluster.load(config, timeout=10, verbose=False)
+    # The workers are gone now. The client names the first one and does not hang.
+    start = time.monotonic()
+    with pytest.raises(WorkerDownError, match="server0"):
+        TFEWorker().connect_to_model((1, 28, 28, 1), (1, 10), attached, timeout=20)
+    assert time.monotonic() - start < 10
+    config.write_text(json.dumps(dict(attached.hostmap)))
+    start = time.monotonic()
+    proc = run_helpers("query", "--config", config, "--timeout", 5, check=False, timeout=120)
+    assert proc.returncode == 1 and "no running cluster found" in proc.stderr
+    assert time.monotonic() - start < 60

@@ -1,0 +1,88 @@
+"""Pid files and stale cleanup, with stand-in processes (no TensorFlow needed)."""
+import subprocess
+import sys
+
+from helpers import processes
+
+
+def _fake_worker(config_path):
+    # Its command line carries the worker module name and the config path, as a real one.
+    return subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)",
+                             processes.WORKER_MODULE, str(config_path)])
+
+
+def _dead_pid():
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()
+    return proc.pid
+
+
+def _record(folder, owner_pid, owner_start, worker, config):
+    folder.mkdir(parents=True)
+    pid_file = processes.PidFile(folder)
+    pid_file.write(config, {"server0": {"pid": worker.pid, "host": "localhost:1",
+                                        "start_time": processes.process_start_time(worker.pid)}})
+    record = pid_file.read()
+    record["owner_pid"], record["owner_start_time"] = owner_pid, owner_start
+    pid_file.path.write_text(__import__("json").dumps(record))
+    return pid_file
+
+
+def test_pid_file_round_trip(helpers_home, tmp_path):
+    pid_file = processes.PidFile(tmp_path)
+    pid_file.write(tmp_path / "c.json", {"server0": {"pid": 1, "start_time": 5}})
+    record = pid_file.read()
+    assert record["owner_pid"] == __import__("os").getpid()
+    assert record["workers"]["server0"]["pid"] == 1
+    (tmp_path / "pids.json").write_text("{broken")
+    assert pid_file.read() is None
+
+
+def test_stale_workers_are_stopped_and_live_owners_left_alone(helpers_home):
+    home = processes.state_home()
+    stale_cfg, live_cfg = home / "stale" / "config.json", home / "live" / "config.json"
+    stale_worker, live_worker = _fake_worker(stale_cfg), _fake_worker(live_cfg)
+    try:
+        _record(home / "stale", _dead_pid(), None, stale_worker, stale_cfg)
+        me = __import__("os").getpid()
+        _record(home / "live", me, processes.process_start_time(me), live_worker, live_cfg)
+
+        stopped = processes.cleanup_stale(verbose=False)
+
+        assert stopped == [stale_worker.pid]
+        assert stale_worker.wait(timeout=10) is not None
+        assert live_worker.poll() is None
+        assert not (home / "stale").exists() and (home / "live").exists()
+    finally:
+        for proc in (stale_worker, live_worker):
+            proc.kill()
+            proc.wait()
+        __import__("shutil").rmtree(home / "live", ignore_errors=True)
+
+
+def test_a_recycled_pid_is_never_signalled(helpers_home):
+    home = processes.state_home()
+    cfg = home / "recycled" / "config.json"
+    bystander = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
+    try:
+        # The record names the bystander's PID, but not its command line or start time.
+        _record(home / "recycled", _dead_pid(), None, bystander, cfg)
+        record = processes.PidFile(home / "recycled").read()
+        record["workers"]["server0"]["start_time"] = 1
+        (home / "recycled" / "pids.json").write_text(__import__("json").dumps(record))
+        assert processes.cleanup_stale(verbose=False) == []
+        assert bystander.poll() is None
+    finally:
+        bystander.kill()
+        bystander.wait()
+
+
+def test_terminate_escalates_to_sigkill():
+    stubborn = subprocess.Popen([sys.executable, "-c",
+                                 "import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN);"
+                                 "print('ready', flush=True); time.sleep(120)"],
+                                stdout=subprocess.PIPE, text=True)
+    assert stubborn.stdout.readline().strip() == "ready"
+    processes.terminate(stubborn.pid, processes.process_start_time(stubborn.pid), grace=0.5,
+                        child=stubborn)
+    assert stubborn.returncode == -9

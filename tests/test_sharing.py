@@ -1,0 +1,42 @@
+"""The client's secret sharing and opening, without any worker."""
+import numpy as np
+import tensorflow as tf
+
+from helpers.client import open_on_device, secret_share
+from helpers.mpc import LOCAL_DEVICE
+
+
+def test_shares_add_back_to_the_secret_mod_2_64():
+    secret = np.array([[0, 1, -1, 2**62, -(2**63)]], dtype=np.int64)
+    share0, share1 = secret_share(secret)
+    with np.errstate(over="ignore"):
+        assert np.array_equal(share0 + share1, secret)
+
+
+def test_sharing_the_same_secret_twice_gives_fresh_shares():
+    secret = np.full((1, 28, 28, 1), 6561, dtype=np.int64)
+    first, second = secret_share(secret), secret_share(secret)
+    assert not np.any(first[0] == second[0])
+    assert not np.any(first[1] == second[1])
+
+
+def test_a_share_is_spread_over_the_ring_and_unrelated_to_the_image():
+    from helpers import load_mnist
+
+    (_, _), (images, _) = load_mnist()
+    pixels = images[:20].reshape(-1).astype(np.int64) * 6561 // 255
+    share0, share1 = secret_share(pixels)
+    for share in (share0, share1):
+        # Spread: both halves of the signed ring, top bits used.
+        assert 0.45 < np.mean(share < 0) < 0.55
+        assert np.mean(np.abs(share) > 2**60) > 0.8
+        # Unrelated: correlation with the pixel values is near zero.
+        assert abs(np.corrcoef(share.astype(np.float64), pixels)[0, 1]) < 0.05
+
+
+def test_opening_happens_on_the_requested_device():
+    secret = np.array([[3 * 6561, -2 * 6561]], dtype=np.int64)
+    share0, share1 = secret_share(secret)
+    opened = open_on_device(tf.constant(share0), tf.constant(share1), 6561.0)
+    assert opened.device == LOCAL_DEVICE
+    np.testing.assert_allclose(opened.numpy(), [[3.0, -2.0]])
