@@ -86,7 +86,7 @@ case "$cmd" in
         ;;
     test)
         ensure_env
-        exec "$venv/bin/python" -m pytest "$@"
+        exec "$venv/bin/python" tests/run_all.py "$@"
         ;;
     notebooks)
         ensure_env

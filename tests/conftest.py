@@ -10,22 +10,41 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 # Before helpers is imported anywhere: records of this run go to a private folder,
 # so tests never see (or clean up) a reader's own clusters.
-_home = tempfile.mkdtemp(prefix="tfe-helpers-tests-")
+# Inside a run of tests/run_all.py, nest under that run's folder so its final
+# leftover check covers these tests too.
+_home = tempfile.mkdtemp(prefix="tfe-helpers-tests-", dir=os.environ.get("TFE_HELPERS_HOME"))
 os.environ["TFE_HELPERS_HOME"] = _home
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+
+def processes_of_run(home: str):
+    """PIDs of live processes started for this test run: workers, serving
+    processes, clients and kernels all inherit TFE_HELPERS_HOME=<home...>."""
+    from helpers import processes
+
+    mine = {os.getpid(), os.getppid()}
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit() or int(entry.name) in mine:
+            continue
+        try:
+            environ = (entry / "environ").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        values = [e.split(b"=", 1)[1].decode(errors="replace") for e in environ
+                  if e.startswith(b"TFE_HELPERS_HOME=")]
+        if values and values[0].startswith(home) and \
+                processes.process_start_time(int(entry.name)) is not None:
+            found.append(int(entry.name))
+    return found
 
 
 def our_worker_pids():
     """PIDs of running worker processes whose config lives under this run's folder."""
     from helpers import processes
 
-    pids = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            args = processes.command_line(int(entry.name))
-            if processes.WORKER_MODULE in args and any(_home in a for a in args):
-                pids.append(int(entry.name))
-    return pids
+    return [pid for pid in processes_of_run(_home)
+            if processes.WORKER_MODULE in processes.command_line(pid)]
 
 
 def run_helpers(*args, timeout=300, check=True, **kwargs):

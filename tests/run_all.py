@@ -1,0 +1,70 @@
+"""Run every test the way a reader would, stage by stage (``bash run.sh test``).
+
+1. unit and integration tests of ``helpers`` (plus the translation sync check);
+2. for each edition (English, then Brazilian Portuguese): notebook 01 alone,
+   then notebooks 02 and 03 *at the same time* in two kernels (pytest-xdist),
+   so 03's queries are answered by 02's live workers;
+3. a final check that no worker process of ours is left running.
+
+Prints one closing line with the totals, e.g. ``total: 80 passed, 0 failed``.
+Extra arguments are passed to the first stage (for example ``-k cluster``).
+"""
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+EDITIONS = [ROOT / "notebooks", ROOT / "translations" / "pt-BR"]
+NBVAL = ["--nbval-lax", "--nbval-cell-timeout=900", "-p", "no:randomly"]
+COUNT = re.compile(r"(\d+) (passed|failed|errors?|skipped|xfailed|xpassed)")
+
+
+def run_stage(title: str, args: list) -> dict:
+    """Run one pytest stage; return its counts (a crash counts as one failure)."""
+    print(f"\n=== {title}", flush=True)
+    started = time.monotonic()
+    proc = subprocess.run([sys.executable, "-m", "pytest", *args], cwd=ROOT, text=True,
+                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    print(proc.stdout, end="", flush=True)
+    lines = [line for line in proc.stdout.splitlines() if line.strip()]
+    counts = {"passed": 0, "failed": 0, "skipped": 0}
+    for number, word in COUNT.findall(lines[-1] if lines else ""):
+        key = "failed" if word.startswith("error") else word
+        counts[key] = counts.get(key, 0) + int(number)
+    if proc.returncode != 0 and counts["failed"] == 0:
+        counts["failed"] = 1  # pytest crashed or collected nothing: never a silent pass
+    print(f"--- {title}: {counts['passed']} passed, {counts['failed']} failed "
+          f"({time.monotonic() - started:.0f} s)", flush=True)
+    return counts
+
+
+def main() -> int:
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    # One records folder for the whole run, so the leftover check sees all of it.
+    os.environ.setdefault("TFE_HELPERS_HOME", tempfile.mkdtemp(prefix="tfe-helpers-run-"))
+    os.environ["TFE_HELPERS_RUN_HOME"] = os.environ["TFE_HELPERS_HOME"]
+    totals = {"passed": 0, "failed": 0, "skipped": 0}
+    stages = [("helpers: unit and integration tests", ["tests", *sys.argv[1:]])]
+    for folder in EDITIONS:
+        edition = folder.relative_to(ROOT)
+        stages.append((f"{edition}: 01 (training)", [*NBVAL, str(folder / "01_train.ipynb")]))
+        stages.append((f"{edition}: 02 and 03 together (serve + query)",
+                       [*NBVAL, "-n", "2", "--dist", "loadfile",
+                        str(folder / "02_serve.ipynb"), str(folder / "03_query.ipynb")]))
+    stages.append(("no worker process left behind", ["tests/leftovers.py"]))
+    for title, args in stages:
+        for key, value in run_stage(title, args).items():
+            totals[key] = totals.get(key, 0) + value
+    print(f"\ntotal: {totals['passed']} passed, {totals['failed']} failed, "
+          f"{totals['skipped']} skipped")
+    return 1 if totals["failed"] else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,41 @@
+"""Stored notebooks are for people: clean outputs, one title, stable cell ids."""
+import json
+import re
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+NOTEBOOKS = sorted([*(ROOT / "notebooks").glob("*.ipynb"),
+                    *(ROOT / "translations").glob("*/*.ipynb")])
+NOISE = re.compile(
+    r"/(work|tmp|root|home)/|cpu_feature_guard|dso_loader|oneDNN|cuda_|"
+    r"Initialize GrpcChannelCache|\[=+>?\.*\]|\d+/\d+ \[=|\x1b\[")
+
+
+def test_all_six_notebooks_exist():
+    names = [str(p.relative_to(ROOT)) for p in NOTEBOOKS]
+    for edition in ("notebooks", "translations/pt-BR"):
+        for name in ("01_train", "02_serve", "03_query"):
+            assert f"{edition}/{name}.ipynb" in names
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: str(p.relative_to(ROOT)))
+def test_outputs_are_clean(path):
+    for index, cell in enumerate(json.loads(path.read_text())["cells"]):
+        for output in cell.get("outputs", []):
+            text = "".join(output.get("text", "")) + "".join(
+                output.get("data", {}).get("text/plain", ""))
+            assert not NOISE.search(text), f"cell {index}: noisy output: {text[:300]!r}"
+            assert output.get("name") != "stderr" or not text.strip(), \
+                f"cell {index}: stderr output stored: {text[:300]!r}"
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: str(p.relative_to(ROOT)))
+def test_one_title_and_stable_cell_ids(path):
+    cells = json.loads(path.read_text())["cells"]
+    titles = [c for c in cells if c["cell_type"] == "markdown"
+              and any(line.startswith("# ") for line in c["source"])]
+    assert len(titles) == 1 and cells[0] is titles[0]
+    ids = [c.get("id") for c in cells]
+    assert all(ids) and len(set(ids)) == len(ids)

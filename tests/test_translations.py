@@ -1,0 +1,78 @@
+"""The Portuguese notebooks keep the English code, cell for cell.
+
+Comments and string literals may be translated; everything else in a code
+cell (names, numbers, calls, markers' positions) must match the English cell
+at the same position. A change to an English code cell that has not reached
+the Portuguese edition fails here.
+"""
+import io
+import json
+import tokenize
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+ENGLISH = ROOT / "notebooks"
+EDITIONS = [ROOT / "translations" / "pt-BR"]
+NOTEBOOKS = ["01_train.ipynb", "02_serve.ipynb", "03_query.ipynb"]
+
+
+def normalise(source: str) -> list:
+    """Tokens of a code cell with comments dropped and string literals blanked.
+
+    nbval markers are comments too, but they decide what is checked, so they
+    are kept.
+    """
+    tokens = []
+    for tok in tokenize.generate_tokens(io.StringIO(source).readline):
+        if tok.type == tokenize.COMMENT:
+            if "NBVAL" in tok.string:
+                tokens.append(tok.string.strip())
+            continue
+        if tok.type == tokenize.STRING:
+            tokens.append("<str>")
+        elif tok.type in (tokenize.NL, tokenize.NEWLINE, tokenize.INDENT, tokenize.DEDENT,
+                          tokenize.ENDMARKER):
+            continue
+        elif tok.type == 61 or tok.string.startswith(("f\"", "f'")):  # FSTRING parts (3.12+)
+            tokens.append("<str>")
+        else:
+            tokens.append(tok.string)
+    return tokens
+
+
+def cells(path: Path) -> list:
+    return json.loads(path.read_text())["cells"]
+
+
+def test_normalise_ignores_comments_and_strings_only():
+    english = 'print("correct")  # say it\nx = 1\n'
+    portuguese = 'print("correto")  # diga\nx = 1\n'
+    assert normalise(english) == normalise(portuguese)
+    assert normalise(english) != normalise('print("correto")\nx = 2\n')
+    assert normalise("# NBVAL_CHECK_OUTPUT\nx") != normalise("x")
+
+
+@pytest.mark.parametrize("edition", EDITIONS, ids=lambda p: p.name)
+@pytest.mark.parametrize("name", NOTEBOOKS)
+def test_translation_has_the_same_cells_and_code(edition, name):
+    english, translated = cells(ENGLISH / name), cells(edition / name)
+    assert [c["cell_type"] for c in translated] == [c["cell_type"] for c in english], \
+        f"{edition.name}/{name}: cell kinds or count differ from the English notebook"
+    for index, (en, tr) in enumerate(zip(english, translated)):
+        if en["cell_type"] != "code":
+            continue
+        assert normalise("".join(tr["source"])) == normalise("".join(en["source"])), (
+            f"{edition.name}/{name}, code cell {index} ({en.get('id')}) differs from English "
+            "beyond comments and strings: copy the English change over")
+
+
+@pytest.mark.parametrize("edition", EDITIONS, ids=lambda p: p.name)
+@pytest.mark.parametrize("name", NOTEBOOKS)
+def test_translation_prose_is_translated(edition, name):
+    english, translated = cells(ENGLISH / name), cells(edition / name)
+    same = [i for i, (en, tr) in enumerate(zip(english, translated))
+            if en["cell_type"] == "markdown" and "".join(en["source"]).strip()
+            and "".join(en["source"]) == "".join(tr["source"])]
+    assert same == [], f"{edition.name}/{name}: markdown cells {same} are still in English"
