@@ -78,3 +78,33 @@ def test_a_query_against_workers_that_are_down_fails_fast(tmp_path):
     proc = run_helpers("query", "--config", config, "--timeout", 5, check=False, timeout=120)
     assert proc.returncode == 1 and "no running cluster found" in proc.stderr
     assert time.monotonic() - start < 60
+
+
+def test_two_concurrent_clients_each_get_their_own_answers(tmp_path, seed_weights):
+    config = tmp_path / "cluster.json"
+    per_client = 20
+    with TFECluster(TFEWorker(), TFEWorker(), TFEWorker(), verbose=False) as cluster:
+        cluster.save(config)
+        server = _spawn("serve", "--config", config, "--weights", seed_weights,
+                        "--requests", 2 * per_client, "--timeout", 600)
+        clients = [_spawn("query", "--config", config, "--weights", seed_weights, "--json",
+                          "--images", per_client, "--first", first, "--timeout", 600)
+                   for first in (0, 100)]
+        results = [_rows(_finish(client)) for client in clients]
+        _finish(server)
+    for first, rows in zip((0, 100), results):
+        assert [row["index"] for row in rows] == list(range(first, first + per_client))
+        for row in rows:
+            # Each answer matches the plaintext logits of this client's own image.
+            assert np.abs(np.array(row["logits"]) - np.array(row["plaintext"])).max() < 1e-2, row
+
+
+def test_query_before_connect_and_serve_after_stop_are_refused():
+    from helpers import NotConnectedError, ServingStoppedError, SharedModel
+
+    with pytest.raises(NotConnectedError, match="connect_to_model"):
+        TFEWorker().query_model(np.zeros((1, 28, 28, 1)))
+    stopped = SharedModel.__new__(SharedModel)  # no workers needed to check the guard
+    stopped._stopped = True
+    with pytest.raises(ServingStoppedError, match="stopped"):
+        stopped.serve(num_requests=1)
