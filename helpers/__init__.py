@@ -16,6 +16,7 @@ _os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 from .cluster import TFECluster, TFEWorker, read_config  # noqa: E402
 from .data import load_mnist  # noqa: E402
 from .errors import (  # noqa: E402
+    ClusterError,
     ConfigError,
     HelpersError,
     NotConnectedError,
@@ -31,7 +32,7 @@ from .validation import InputRangeWarning  # noqa: E402
 
 __all__ = [
     "TFEWorker", "TFECluster", "read_config", "share", "SharedModel", "load_mnist",
-    "cleanup_stale", "HelpersError", "PortInUseError", "WorkerStartError", "WorkerDownError",
+    "cleanup_stale", "HelpersError", "ClusterError", "PortInUseError", "WorkerStartError", "WorkerDownError",
     "StepTimeoutError", "ConfigError", "NotConnectedError", "ServingStoppedError",
     "InputRangeWarning",
 ]

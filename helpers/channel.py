@@ -20,12 +20,24 @@ processes connected to that worker). Only ids and shares pass through them.
 """
 from __future__ import annotations
 
+import os
+import sys
+import time
 from typing import Sequence, Tuple
 
 import tensorflow as tf
 from tensorflow.python.ops import gen_data_flow_ops
 
 from .mpc import device_of
+
+_TRACE = bool(os.environ.get("HELPERS_TRACE"))
+
+
+def trace(message: str) -> None:
+    """Debug trace of the request protocol (set HELPERS_TRACE=1 to see it)."""
+    if _TRACE:
+        print(f"[trace {os.getpid()} {time.monotonic():.3f}] {message}", file=sys.stderr, flush=True)
+
 
 TICKET_CAPACITY = 1000
 SHARE_CAPACITY = 4

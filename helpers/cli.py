@@ -81,14 +81,16 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     from .cluster import TFECluster
     from .models import seed_cnn
 
-    cluster = TFECluster.load(args.config, timeout=args.timeout)
+    cluster = TFECluster.load(args.config, timeout=args.timeout, verbose=not args.quiet)
     model = seed_cnn(batch_size=args.batch)
     model.load_weights(args.weights)
-    shared = share(model, cluster, timeout=args.timeout)
+    shared = share(model, cluster, name=args.name, timeout=args.timeout, verbose=not args.quiet)
     try:
-        shared.serve(num_requests=args.requests, timeout=args.timeout)
+        served = shared.serve(num_requests=args.requests, timeout=args.timeout)
     finally:
         shared.stop()
+    if args.quiet:  # one machine-readable line, for scripts/benchmark.py
+        print(f"shared_s={shared.share_seconds:.2f} served={served}")
     return 0
 
 
@@ -114,9 +116,11 @@ def _cmd_query(args: argparse.Namespace) -> int:
     client = TFEWorker()
     client.connect_to_model((1, 28, 28, 1), (1, 10), cluster, timeout=args.timeout)
     for i in range(len(x)):
+        began = time.perf_counter()
         logits = client.query_model(x[i:i + 1], timeout=args.timeout)[0]
         row = {"index": start + i, "label": int(labels[i]), "predicted": int(logits.argmax()),
-               "logits": logits.tolist(), "opened_on": client._client.last_open_device}
+               "logits": logits.tolist(), "opened_on": client._client.last_open_device,
+               "seconds": round(time.perf_counter() - began, 4)}
         if plain is not None:
             row["plaintext"] = plain[i].tolist()
         if args.json:
@@ -161,6 +165,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--weights", required=True, help="Keras weights of the seed CNN (.h5)")
     p.add_argument("--requests", type=int, default=None, help="how many (default: until killed)")
     p.add_argument("--batch", type=int, default=1, help="batch size of one request")
+    p.add_argument("--name", default="model", help="name clients use to find this model")
+    p.add_argument("--quiet", action="store_true", help="print only a summary line at the end")
     p.add_argument("--timeout", type=float, default=300.0)
     p.set_defaults(func=_cmd_serve)
 

@@ -12,18 +12,19 @@ import os
 import threading
 import time
 import uuid
-from typing import Sequence, Tuple
+from typing import Optional, Sequence, Tuple
 
 import numpy as np
 import tensorflow as tf
 
 from . import channel as ch
 from . import mpc
-from .errors import StepTimeoutError, WorkerDownError
+from .errors import StepTimeoutError
 from .validation import check_input
 
 _HEALTH_EVERY = 0.5   # seconds between worker checks while waiting
 _POLL = 0.001         # seconds between looks at the answer queue
+_MAX_FIRST_LOOK = 0.1 # never wait longer than this before the first look
 
 
 def secret_share(encoded: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
@@ -41,13 +42,13 @@ def secret_share(encoded: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
 
 
 def open_on_device(share0: tf.Tensor, share1: tf.Tensor, scaling_factor: float,
-                   device: str = mpc.LOCAL_DEVICE) -> tf.Tensor:
+                   device: Optional[str] = None) -> tf.Tensor:
     """Combine two result shares on ``device`` and decode the fixed-point values.
 
-    Both shares are copied to ``device`` (by default this process's CPU) and
-    added there; the combined value exists nowhere else.
+    Both shares are copied to ``device`` (by default this process's own CPU,
+    `mpc.local_device()`) and added there; the combined value exists nowhere else.
     """
-    with tf.device(device):
+    with tf.device(device or mpc.local_device()):
         combined = tf.add(share0, share1)  # int64 addition wraps: mod 2**64
         return tf.cast(combined, tf.float64) / scaling_factor
 
@@ -66,6 +67,7 @@ class PrivateClient:
         self._lock = threading.Lock()  # one request in flight per client
         self._new_identity()
         self.last_open_device = None
+        self._last_latency = 0.0  # of the previous query, to time the first poll
 
     def _new_identity(self) -> None:
         # A fresh id means fresh queues: an answer that arrives after we gave
@@ -91,16 +93,20 @@ class PrivateClient:
         self.channel = None
 
     def _wait(self, condition, deadline: float, step: str, hint: str = "",
-              progress: bool = False) -> None:
-        """Poll ``condition`` until true; check the workers now and then; bounded."""
+              progress: bool = False, first_look: float = 0.0) -> None:
+        """Poll ``condition`` until true; check the workers now and then; bounded.
+
+        ``first_look`` seconds pass before the first poll: each poll is a round
+        trip to a worker, so there is no point asking before an answer can be due.
+        """
         last_health = last_report = start = time.monotonic()
+        time.sleep(max(0.0, min(first_look, deadline - start)))
         while True:
             try:
                 if condition():
                     return
             except tf.errors.OpError as exc:
-                self.cluster.check(during=step)
-                raise WorkerDownError("?", "?", f"{step} ({type(exc).__name__})") from exc
+                mpc.raise_for_op_error(self.cluster, exc, step)
             now = time.monotonic()
             if now >= deadline:
                 raise StepTimeoutError(f"timed out {step}. {hint}".strip())
@@ -128,20 +134,27 @@ class PrivateClient:
             try:
                 in0.enqueue(tf.constant(share0))
                 in1.enqueue(tf.constant(share1))
-                # The ticket goes last: the server must find both shares waiting.
+                # The ticket goes last, once both shares are known to be in
+                # place (remote ops run asynchronously): the server must find
+                # both shares of this request waiting.
+                self._wait(lambda: ch.size(in0) > 0 and ch.size(in1) > 0, deadline,
+                           "sending the input shares")
                 self.channel.tickets.enqueue(tf.constant(self.client_id))
+                ch.trace(f"client {self.client_id}: shares and ticket sent")
                 self._wait(lambda: ch.size(out0) > 0 and ch.size(out1) > 0, deadline,
                            "waiting for the private prediction",
-                           hint="Is serve() running, with requests left to answer?")
-            except StepTimeoutError:
+                           hint="Is serve() running, with requests left to answer?",
+                           first_look=min(0.8 * self._last_latency, _MAX_FIRST_LOOK))
+                opened = open_on_device(out0.dequeue(), out1.dequeue(), self._scaling)
+                result = opened.numpy().astype(np.float32)
+                self.channel.acks.enqueue(tf.constant(self.client_id))
+            except BaseException as exc:
+                # Whatever went wrong, never reuse these queues: a late answer
+                # must not be taken for the answer to a later query.
                 self._new_identity()
+                if isinstance(exc, tf.errors.OpError):
+                    mpc.raise_for_op_error(self.cluster, exc, "while querying")
                 raise
-            except tf.errors.OpError as exc:
-                self._new_identity()
-                self.cluster.check(during="while sending the query")
-                raise WorkerDownError("?", "?", f"while querying ({type(exc).__name__})") from exc
-            opened = open_on_device(out0.dequeue(), out1.dequeue(), self._scaling)
             self.last_open_device = opened.device
-            result = opened.numpy().astype(np.float32)
-            self.channel.acks.enqueue(tf.constant(self.client_id))
+            self._last_latency = time.monotonic() - (deadline - timeout)
             return result

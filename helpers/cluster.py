@@ -10,6 +10,9 @@ from __future__ import annotations
 import atexit
 import json
 import os
+import signal
+import sys
+import threading
 import time
 import uuid
 import warnings
@@ -115,6 +118,19 @@ _live_clusters: "weakref.WeakSet[TFECluster]" = weakref.WeakSet()
 def _stop_live_clusters() -> None:
     for cluster in list(_live_clusters):
         cluster.stop(verbose=False)
+
+
+def _exit_on_sigterm() -> None:
+    """Let SIGTERM run atexit (and so stop our workers) instead of killing us outright.
+
+    Python's default SIGTERM action ends the process without running atexit,
+    which would leave the workers behind. We only replace the default action,
+    never a handler somebody else installed, and only from the main thread.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        return
+    if signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:
+        signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
 
 
 class TFECluster:
@@ -232,6 +248,7 @@ class TFECluster:
         self.folder.mkdir(parents=True, exist_ok=True)
         if self.auto_managed:
             processes.cleanup_stale(verbose=self.verbose)
+            _exit_on_sigterm()
             self._start_auto(timeout)
         else:
             self._start_manual(timeout)

@@ -37,6 +37,10 @@ class WorkerDownError(HelpersError):
         )
 
 
+class ClusterError(HelpersError):
+    """TensorFlow reported a failure on the workers while they all still answer."""
+
+
 class StepTimeoutError(HelpersError, TimeoutError):
     """A step did not finish within its timeout."""
 

@@ -20,9 +20,17 @@ from . import compat  # noqa: E402
 from .errors import StepTimeoutError  # noqa: E402
 
 T = TypeVar("T")
-LOCAL_DEVICE = "/job:localhost/replica:0/task:0/device:CPU:0"
 _connected_hostmap: Optional[dict] = None
 _protocol = None
+
+
+def local_device() -> str:
+    """This process's own CPU device: where a client opens its results.
+
+    A driver joins the TensorFlow cluster as job "localhost"; the workers are
+    job "tfe".
+    """
+    return "/job:localhost/replica:0/task:0/device:CPU:0"
 
 
 def call_with_timeout(fn: Callable[[], T], timeout: float, step: str) -> T:
@@ -63,7 +71,16 @@ def connect(cluster, timeout: float, during: str):
         return _protocol
     config = tfe.RemoteConfig(cluster.hostmap)
     tfe.set_config(config)
-    call_with_timeout(config.connect_servers, timeout, f"connecting to the workers ({during})")
+    # Like config.connect_servers(), but the address at which the workers reach
+    # this process is ours to choose: on several hosts "localhost" would point
+    # each worker at itself. Set HELPERS_DRIVER_HOST to this machine's address
+    # on the workers' network.
+    from .ports import free_ports
+
+    driver = f"{os.environ.get('HELPERS_DRIVER_HOST', 'localhost')}:{free_ports(1)[0]}"
+    spec = tf.train.ClusterSpec({"tfe": list(hostmap.values()), "localhost": [driver]})
+    call_with_timeout(lambda: tf.config.experimental_connect_to_cluster(spec, job_name="localhost"),
+                      timeout, f"connecting to the workers ({during})")
     protocol = tfe.protocol.SecureNN()
     # Our client encodes and opens values itself; that code assumes the
     # default 64-bit ring, which SecureNN uses unless told otherwise.
@@ -72,6 +89,19 @@ def connect(cluster, timeout: float, during: str):
     tfe.set_protocol(protocol)
     _connected_hostmap, _protocol = hostmap, protocol
     return protocol
+
+
+def raise_for_op_error(cluster, exc: Exception, during: str) -> None:
+    """Turn a TensorFlow failure on the workers into a clear error.
+
+    If a worker stopped answering, `WorkerDownError` names it; otherwise the
+    TensorFlow message is passed on as a `ClusterError`.
+    """
+    from .errors import ClusterError
+
+    cluster.check(during=during)
+    message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    raise ClusterError(f"the workers reported an error {during}: {message}") from exc
 
 
 def device_of(protocol, party: int) -> str:

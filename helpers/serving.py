@@ -11,13 +11,15 @@ from tf_encrypted.protocol.pond import PondPrivateTensor
 
 from . import channel as ch
 from . import mpc
-from .errors import ServingStoppedError, StepTimeoutError, WorkerDownError
+from .errors import ServingStoppedError, StepTimeoutError
 
 SUPPORTED_LAYERS = {"Conv2D", "AveragePooling2D", "ReLU", "Activation", "Flatten", "Dense",
                     "InputLayer"}
 _HEALTH_EVERY = 0.5     # seconds between worker checks while idle
 _POLL = 0.002           # seconds between looks at the ticket queue when idle
 _ACK_WAIT = 30.0        # how long the last answers may take to reach their clients
+_CACHED_CLIENTS = 64    # queue handles kept for the most recent clients
+_SHARE_WAIT = 10.0      # how long a ticket's input shares may take to show up
 
 
 def _check_model(model: tf.keras.Model) -> None:
@@ -54,6 +56,7 @@ class SharedModel:
         self.output_shape = tuple(model.output_shape)
         self._stopped = False
         self.served = 0
+        self._client_queues: dict = {}
         start = time.monotonic()
         self.protocol = mpc.connect(cluster, timeout, during="while sharing the model")
         self.channel = ch.Channel(self.protocol, name, self.input_shape, self.output_shape)
@@ -63,8 +66,9 @@ class SharedModel:
         self._compute = tf.function(self._forward)
         # Trace once now, so the first client does not wait for it.
         mpc.call_with_timeout(self._warm_up, timeout, "preparing the private computation")
+        self.share_seconds = time.monotonic() - start
         if verbose:
-            print(f"Model shared across 3 workers in {time.monotonic() - start:.1f} s "
+            print(f"Model shared across 3 workers in {self.share_seconds:.1f} s "
                   f"(input {self.input_shape}, output {self.output_shape}).")
 
     def _forward(self, share0: tf.Tensor, share1: tf.Tensor):
@@ -138,8 +142,13 @@ class SharedModel:
                     continue
                 started = time.monotonic()
                 client_id = ch.take_string(channel.tickets)
-                in0, in1 = channel.inputs(client_id)
-                out0, out1 = channel.outputs(client_id)
+                (in0, in1), (out0, out1) = self._queues_of(client_id)
+                ch.trace(f"server: ticket {client_id}")
+                if not self._shares_arrive(in0, in1):
+                    # A dequeue would block forever; the client will time out.
+                    print(f"  skipped a request whose input shares did not arrive "
+                          f"within {_SHARE_WAIT:.0f} s")
+                    continue
                 y0, y1 = self._compute(in0.dequeue(), in1.dequeue())
                 out0.enqueue(y0)
                 out1.enqueue(y1)
@@ -154,6 +163,25 @@ class SharedModel:
             self._raise_worker_problem(exc, "while serving")
         self._wait_for_acks(waiting_acks)
         return answered
+
+    def _shares_arrive(self, in0, in1) -> bool:
+        """Wait (bounded) until both input shares of a ticket are in their queues."""
+        deadline = time.monotonic() + _SHARE_WAIT
+        while not (ch.size(in0) > 0 and ch.size(in1) > 0):
+            if time.monotonic() >= deadline:
+                return False
+            time.sleep(_POLL)
+        return True
+
+    def _queues_of(self, client_id: str):
+        """Input and output share queues of one client, looked up once per client."""
+        queues = self._client_queues.pop(client_id, None)
+        if queues is None:
+            queues = (self.channel.inputs(client_id), self.channel.outputs(client_id))
+        self._client_queues[client_id] = queues  # re-insert: most recently used last
+        while len(self._client_queues) > _CACHED_CLIENTS:
+            self._client_queues.pop(next(iter(self._client_queues)))
+        return queues
 
     def _drain_acks(self) -> int:
         acks = 0
@@ -177,8 +205,7 @@ class SharedModel:
                   f"within {_ACK_WAIT:.0f} s.")
 
     def _raise_worker_problem(self, exc: Exception, during: str) -> None:
-        self.cluster.check(during=during)  # names the worker if one is down
-        raise WorkerDownError("?", "?", f"{during} ({type(exc).__name__}: {exc})") from exc
+        mpc.raise_for_op_error(self.cluster, exc, during)
 
     def stop(self) -> None:
         """Stop serving: withdraw the model so new clients wait for another one."""

@@ -14,7 +14,6 @@ import pytest
 
 from conftest import ROOT, our_worker_pids, run_helpers
 from helpers import StepTimeoutError, TFECluster, TFEWorker, WorkerDownError
-from helpers.mpc import LOCAL_DEVICE
 
 pytestmark = pytest.mark.integration
 
@@ -57,8 +56,9 @@ def test_private_predictions_match_plaintext_across_processes(tmp_path, seed_wei
         private, plain = np.array(row["logits"]), np.array(row["plaintext"])
         assert np.abs(private - plain).max() < 1e-2, row
         assert private.argmax() == plain.argmax()
-        # The answer was opened in the client process, never on a worker.
-        assert row["opened_on"] == LOCAL_DEVICE
+        # The answer was opened on the client process's own device (job
+        # "localhost"), never on a worker (job "tfe").
+        assert row["opened_on"] == "/job:localhost/replica:0/task:0/device:CPU:0", row
     assert served.count("answered in") == 4
     assert not set(pids) & set(our_worker_pids())
 

@@ -3,7 +3,7 @@ import numpy as np
 import tensorflow as tf
 
 from helpers.client import open_on_device, secret_share
-from helpers.mpc import LOCAL_DEVICE
+from helpers.mpc import local_device
 
 
 def test_shares_add_back_to_the_secret_mod_2_64():
@@ -38,5 +38,5 @@ def test_opening_happens_on_the_requested_device():
     secret = np.array([[3 * 6561, -2 * 6561]], dtype=np.int64)
     share0, share1 = secret_share(secret)
     opened = open_on_device(tf.constant(share0), tf.constant(share1), 6561.0)
-    assert opened.device == LOCAL_DEVICE
+    assert opened.device == local_device() == "/job:localhost/replica:0/task:0/device:CPU:0"
     np.testing.assert_allclose(opened.numpy(), [[3.0, -2.0]])

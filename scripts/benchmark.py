@@ -1,0 +1,194 @@
+"""Benchmark: private prediction against plaintext Keras, in one run.
+
+    bash run.sh bench            # full run (about 10 minutes on 2 cores)
+    bash run.sh bench --quick    # smoke run: fewer queries, 1,000 images for agreement
+
+Measures, on this machine, with three workers, a serving process and this
+process as the client, all on loopback:
+  * cluster start (from start() until all three workers answer);
+  * model sharing time (reported by the serving process);
+  * time from start() to the first answered private query;
+  * latency per query at batch 1 (median and p95);
+  * throughput in images/s at batch sizes 1, 10 and 100, private and plaintext;
+  * agreement of private and plaintext argmax over the MNIST test set, and
+    the largest logit difference.
+Prints a markdown table and writes it, with a plot, to bench-results/.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+import numpy as np  # noqa: E402
+
+import helpers  # noqa: E402
+from helpers.models import as_model_input, seed_cnn, train_seed_cnn  # noqa: E402
+
+BATCHES = (1, 10, 100)
+
+
+def plaintext_figures(weights: Path, x: np.ndarray, queries: int) -> dict:
+    """Latency and throughput of plain Keras, one fixed-batch model per size."""
+    figures = {}
+    for batch in BATCHES:
+        model = seed_cnn(batch_size=batch)
+        model.load_weights(weights)
+        sample = x[:batch]
+        model(sample)  # trace once
+        n = max(5, queries // batch)
+        times = []
+        for _ in range(n):
+            start = time.perf_counter()
+            model(sample).numpy()
+            times.append(time.perf_counter() - start)
+        figures[batch] = {"median": float(np.median(times)), "p95": float(np.percentile(times, 95)),
+                          "images_per_s": batch / float(np.median(times))}
+    return figures
+
+
+def plaintext_logits(weights: Path, x: np.ndarray) -> np.ndarray:
+    model = seed_cnn(batch_size=100)
+    model.load_weights(weights)
+    return np.concatenate([model(x[i:i + 100]).numpy() for i in range(0, len(x), 100)])
+
+
+def serve(config: Path, weights: Path, batch: int, requests: int) -> subprocess.Popen:
+    return subprocess.Popen(
+        [sys.executable, "-m", "helpers", "serve", "--config", str(config), "--weights",
+         str(weights), "--batch", str(batch), "--requests", str(requests), "--timeout", "1800",
+         "--name", f"bench-{batch}", "--quiet"],
+        cwd=ROOT, stdout=subprocess.PIPE, text=True)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="a short smoke run")
+    parser.add_argument("--out", default=str(ROOT / "bench-results"))
+    args = parser.parse_args()
+    latency_queries = 30 if args.quick else 200
+    agreement_images = 1000 if args.quick else 10000
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+
+    (x_train, y_train), (x_test, y_test) = helpers.load_mnist()
+    x_all = as_model_input(x_test)
+    print("Training the seed CNN (3 epochs) ...", flush=True)
+    model = train_seed_cnn(as_model_input(x_train), y_train, epochs=3, verbose=False)
+    accuracy = float(np.mean(model.predict(x_all, verbose=0).argmax(1) == y_test))
+
+    with tempfile.TemporaryDirectory(prefix="tfe-bench-") as tmp:
+        weights, config = Path(tmp) / "w.h5", Path(tmp) / "cluster.json"
+        model.save_weights(weights)
+        # Everything plaintext happens before this process connects to the workers.
+        plain = plaintext_figures(weights, x_all, latency_queries)
+        plain_logits = plaintext_logits(weights, x_all[:agreement_images])
+
+        workers = [helpers.TFEWorker(name=n) for n in ("alice", "bob", "carol")]
+        cluster = helpers.TFECluster(*workers, verbose=False)
+        t0 = time.perf_counter()
+        with cluster:
+            cluster_start = time.perf_counter() - t0
+            cluster.save(config)
+            private, logits, servers = {}, None, []
+            first_query = None
+            try:
+                for batch in BATCHES:
+                    n = max(5, latency_queries // batch)
+                    extra = agreement_images // batch if batch == max(BATCHES) else 0
+                    server = serve(config, weights, batch, n + 1 + extra)
+                    servers.append(server)
+                    client = helpers.TFEWorker()
+                    client.connect_to_model((batch, 28, 28, 1), (batch, 10), cluster,
+                                            timeout=600, model_name=f"bench-{batch}")
+                    client.query_model(x_all[:batch], timeout=600)  # first query
+                    if first_query is None:
+                        first_query = time.perf_counter() - t0
+                    times = []
+                    for i in range(n):
+                        sample = x_all[(i * batch) % 9000:(i * batch) % 9000 + batch]
+                        start = time.perf_counter()
+                        client.query_model(sample, timeout=600)
+                        times.append(time.perf_counter() - start)
+                    private[batch] = {"median": float(np.median(times)),
+                                      "p95": float(np.percentile(times, 95)),
+                                      "images_per_s": batch / float(np.median(times))}
+                    print(f"batch {batch:>3}: median {private[batch]['median'] * 1000:.0f} ms, "
+                          f"{private[batch]['images_per_s']:.0f} images/s", flush=True)
+                    if extra:
+                        print(f"Agreement over {agreement_images} test images ...", flush=True)
+                        logits = np.concatenate([
+                            client.query_model(x_all[i:i + batch], timeout=600)
+                            for i in range(0, agreement_images, batch)])
+                    server.wait(timeout=600)
+            finally:
+                for server in servers:
+                    if server.poll() is None:
+                        server.terminate()
+                        server.wait(timeout=30)
+            sharing = [line for s in servers for line in (s.stdout.read() if s.stdout else "").split()
+                       if line.startswith("shared_s=")]
+
+    agree = int(np.sum(logits.argmax(1) == plain_logits.argmax(1)))
+    worst = float(np.abs(logits - plain_logits).max())
+    share_s = [float(s.split("=")[1]) for s in sharing]
+    rows = [
+        ("cluster start: start() until 3 workers answer", f"{cluster_start:.1f} s", "", ""),
+        ("model sharing (incl. tracing), per served model",
+         f"{min(share_s):.1f} to {max(share_s):.1f} s" if share_s else "n/a", "", ""),
+        ("start() to first answered private query", f"{first_query:.1f} s", "", ""),
+        ("latency at batch 1, median", f"{private[1]['median'] * 1000:.0f} ms",
+         f"{plain[1]['median'] * 1000:.2f} ms", f"{private[1]['median'] / plain[1]['median']:.0f}x"),
+        ("latency at batch 1, p95", f"{private[1]['p95'] * 1000:.0f} ms",
+         f"{plain[1]['p95'] * 1000:.2f} ms", f"{private[1]['p95'] / plain[1]['p95']:.0f}x"),
+    ]
+    for batch in BATCHES:
+        rows.append((f"throughput at batch {batch}", f"{private[batch]['images_per_s']:.0f} img/s",
+                     f"{plain[batch]['images_per_s']:.0f} img/s",
+                     f"{plain[batch]['images_per_s'] / private[batch]['images_per_s']:.0f}x slower"))
+    rows.append((f"argmax agreement, {agreement_images:,} test images", f"{agree:,}/{agreement_images:,}",
+                 "", ""))
+    rows.append(("largest logit difference", f"{worst:.1e}", "", ""))
+    machine = f"{os.cpu_count()} cores, {platform.machine()}, Python {platform.python_version()}"
+    table = [f"Machine: {machine}; plaintext test accuracy {accuracy:.4f}; "
+             f"{time.strftime('%Y-%m-%d')}{' (quick run)' if args.quick else ''}", "",
+             "| figure | private (SecureNN) | plaintext Keras | ratio |", "|---|---|---|---|"]
+    table += [f"| {a} | {b} | {c} | {d} |" for a, b, c, d in rows]
+    text = "\n".join(table)
+    print("\n" + text)
+    (out / "benchmark.md").write_text(text + "\n")
+    plot(private, plain, out / "benchmark.png")
+    return 0
+
+
+def plot(private: dict, plain: dict, path: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
+    for figures, label in ((private, "private (SecureNN)"), (plain, "plaintext Keras")):
+        left.plot(BATCHES, [figures[b]["median"] * 1000 for b in BATCHES], "o-", label=label)
+        right.plot(BATCHES, [figures[b]["images_per_s"] for b in BATCHES], "o-", label=label)
+    for axis, ylabel in ((left, "median latency per query (ms)"), (right, "images per second")):
+        axis.set_xscale("log")
+        axis.set_yscale("log")
+        axis.set_xlabel("batch size")
+        axis.set_ylabel(ylabel)
+        axis.legend()
+    fig.suptitle("Private vs plaintext prediction, seed CNN on MNIST")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,90 @@
+"""Faults with real processes: a worker dies mid-serving; a new cluster afterwards."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import pytest
+
+from conftest import ROOT
+from helpers import TFECluster, TFEWorker, processes
+
+pytestmark = pytest.mark.integration
+
+
+def _spawn(*args):
+    return subprocess.Popen([sys.executable, "-m", "helpers", *map(str, args)], cwd=ROOT,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def _wait_exit(proc, timeout):
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.communicate()
+        raise AssertionError(f"still running {timeout} s after the worker died: it hangs")
+    return proc.returncode, out, err
+
+
+def test_a_worker_killed_during_serving_fails_server_and_client_naming_it(tmp_path, seed_weights):
+    config = tmp_path / "cluster.json"
+    with TFECluster(TFEWorker(), TFEWorker(), TFEWorker(), verbose=False) as cluster:
+        cluster.save(config)
+        server = _spawn("serve", "--config", config, "--weights", seed_weights,
+                        "--requests", 1000, "--timeout", 600)
+        client = _spawn("query", "--config", config, "--images", 1000, "--json",
+                        "--timeout", 60)
+        try:
+            answered = 0
+            while answered < 2:  # let real traffic flow first
+                line = client.stdout.readline()
+                assert line, f"client ended early: {client.stderr.read()}"
+                answered += line.startswith("{")
+            os.kill(cluster.pids()["server2"], signal.SIGKILL)
+            killed_at = time.monotonic()
+            server_rc, _, server_err = _wait_exit(server, timeout=120)
+            client_rc, _, client_err = _wait_exit(client, timeout=120)
+        finally:
+            for proc in (server, client):
+                if proc.poll() is None:
+                    proc.kill()
+                    proc.wait()
+    assert time.monotonic() - killed_at < 120
+    assert server_rc == 1 and "worker server2" in server_err, server_err[-1500:]
+    assert client_rc == 1 and "worker server2" in client_err, client_err[-1500:]
+
+
+RESTART_SCRIPT = textwrap.dedent("""
+    import json, subprocess, sys
+    from helpers import TFECluster, TFEWorker, share
+    from helpers.models import seed_cnn
+
+    model = seed_cnn(batch_size=1)
+    model.load_weights(sys.argv[1])
+    first = TFECluster(TFEWorker(), TFEWorker(), TFEWorker(), verbose=False).start()
+    share(model, first, verbose=False)
+    first.stop()                      # the first cluster is gone for good
+
+    with TFECluster(TFEWorker(), TFEWorker(), TFEWorker(), verbose=False) as second:
+        second.save(sys.argv[2])
+        client = subprocess.Popen([sys.executable, "-m", "helpers", "query", "--config",
+                                   sys.argv[2], "--images", "2", "--json"],
+                                  stdout=subprocess.PIPE, text=True)
+        shared = share(model, second, verbose=False)
+        served = shared.serve(num_requests=2, timeout=300)
+        rows = [json.loads(l) for l in client.communicate(timeout=300)[0].splitlines()]
+        print("RESULT", served, [r["predicted"] == r["label"] for r in rows])
+""")
+
+
+def test_a_new_cluster_can_be_started_in_the_same_process(tmp_path, seed_weights):
+    proc = subprocess.run([sys.executable, "-c", RESTART_SCRIPT, str(seed_weights),
+                           str(tmp_path / "second.json")], cwd=ROOT, capture_output=True,
+                          text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = [line for line in proc.stdout.splitlines() if line.startswith("RESULT")]
+    assert result and result[0].startswith("RESULT 2 ["), proc.stdout

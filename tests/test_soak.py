@@ -1,0 +1,67 @@
+"""1,000 sequential private queries: latency stays stable, worker memory stays bounded.
+
+Marked slow (about 3 to 5 minutes on 2 cores); it still runs in CI.
+"""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from conftest import ROOT
+from helpers import TFECluster, TFEWorker
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+QUERIES = 1000
+# Bound on the growth of each worker's resident memory between query 100 and
+# query 1,000. Per-client queues are reused, so nothing should accumulate per
+# query; 64 MiB leaves room for allocator noise.
+MEMORY_GROWTH_BOUND_MB = 64
+
+
+def rss_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    raise AssertionError(f"no VmRSS for pid {pid}")
+
+
+def test_a_thousand_sequential_queries_are_stable(tmp_path, seed_weights):
+    config = tmp_path / "cluster.json"
+    with TFECluster(TFEWorker(), TFEWorker(), TFEWorker(), verbose=False) as cluster:
+        cluster.save(config)
+        pids = cluster.pids()
+        server = subprocess.Popen(
+            [sys.executable, "-m", "helpers", "serve", "--config", config, "--weights",
+             seed_weights, "--requests", QUERIES, "--timeout", 1500, "--quiet"],
+            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        client = subprocess.Popen(
+            [sys.executable, "-m", "helpers", "query", "--config", config, "--images", QUERIES,
+             "--json", "--timeout", 120],
+            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        try:
+            rows, memory_at_100 = [], None
+            for line in client.stdout:
+                rows.append(json.loads(line))
+                if len(rows) == 100:
+                    memory_at_100 = {role: rss_mb(pid) for role, pid in pids.items()}
+            memory_at_end = {role: rss_mb(pid) for role, pid in pids.items()}
+            assert client.wait(timeout=120) == 0, client.stderr.read()[-2000:]
+            assert server.wait(timeout=120) == 0, server.stderr.read()[-2000:]
+        finally:
+            for proc in (server, client):
+                if proc.poll() is None:
+                    proc.kill()
+                    proc.wait()
+    assert len(rows) == QUERIES
+    assert np.mean([r["predicted"] == r["label"] for r in rows]) > 0.8
+    seconds = np.array([r["seconds"] for r in rows])
+    first, last = np.median(seconds[100:200]), np.median(seconds[-100:])
+    print(f"\nmedian latency, queries 100-200: {first * 1000:.0f} ms; last 100: {last * 1000:.0f} ms")
+    growth = {role: memory_at_end[role] - memory_at_100[role] for role in pids}
+    print(f"worker memory growth from query 100 to {QUERIES} (MiB): "
+          + ", ".join(f"{role} {mb:+.1f}" for role, mb in growth.items()))
+    assert last < 2 * first, "latency drifted upward during the soak"
+    assert max(growth.values()) < MEMORY_GROWTH_BOUND_MB
