@@ -101,7 +101,9 @@ class SharedModel:
         layer = self._tfe_model.layers[layer_index]
         weight = layer.weights[0]
         shares = weight.unwrapped
-        return shares[party].value.numpy()
+        # read_value(): `.value` is a copy taken when the variable was created
+        # (before set_weights), so it would show the initial weights' share.
+        return shares[party].read_value().value.numpy()
 
     def serve(self, num_requests: Optional[int] = None, timeout: Optional[float] = None) -> int:
         """Answer ``num_requests`` private requests (all, if None, until `stop()`).

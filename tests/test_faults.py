@@ -76,7 +76,8 @@ RESTART_SCRIPT = textwrap.dedent("""
                                   stdout=subprocess.PIPE, text=True)
         shared = share(model, second, verbose=False)
         served = shared.serve(num_requests=2, timeout=300)
-        rows = [json.loads(l) for l in client.communicate(timeout=300)[0].splitlines()]
+        out = client.communicate(timeout=300)[0]
+        rows = [json.loads(l) for l in out.splitlines() if l.startswith("{")]
         print("RESULT", served, [r["predicted"] == r["label"] for r in rows])
 """)
 

@@ -34,16 +34,18 @@ def test_a_thousand_sequential_queries_are_stable(tmp_path, seed_weights):
         cluster.save(config)
         pids = cluster.pids()
         server = subprocess.Popen(
-            [sys.executable, "-m", "helpers", "serve", "--config", config, "--weights",
-             seed_weights, "--requests", QUERIES, "--timeout", 1500, "--quiet"],
+            [sys.executable, "-m", "helpers", "serve", "--config", str(config), "--weights",
+             str(seed_weights), "--requests", str(QUERIES), "--timeout", "1500", "--quiet"],
             cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         client = subprocess.Popen(
-            [sys.executable, "-m", "helpers", "query", "--config", config, "--images", QUERIES,
-             "--json", "--timeout", 120],
+            [sys.executable, "-m", "helpers", "query", "--config", str(config), "--images",
+             str(QUERIES), "--weights", str(seed_weights), "--json", "--timeout", "120"],
             cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         try:
             rows, memory_at_100 = [], None
             for line in client.stdout:
+                if not line.startswith("{"):
+                    continue  # progress lines while the model is being shared
                 rows.append(json.loads(line))
                 if len(rows) == 100:
                     memory_at_100 = {role: rss_mb(pid) for role, pid in pids.items()}
@@ -56,7 +58,9 @@ def test_a_thousand_sequential_queries_are_stable(tmp_path, seed_weights):
                     proc.kill()
                     proc.wait()
     assert len(rows) == QUERIES
-    assert np.mean([r["predicted"] == r["label"] for r in rows]) > 0.8
+    # Every answer is still right: it matches the plaintext model on the same image.
+    for row in rows:
+        assert np.abs(np.array(row["logits"]) - np.array(row["plaintext"])).max() < 1e-2, row
     seconds = np.array([r["seconds"] for r in rows])
     first, last = np.median(seconds[100:200]), np.median(seconds[-100:])
     print(f"\nmedian latency, queries 100-200: {first * 1000:.0f} ms; last 100: {last * 1000:.0f} ms")
