@@ -70,6 +70,12 @@ class SharedQueue:
         with tf.device(self.device):
             return gen_data_flow_ops.queue_dequeue_v2(self.handle, component_types=[self.dtype])[0]
 
+    def dequeue_many(self, count: int) -> tf.Tensor:
+        """Take the ``count`` oldest elements at once (check `size` first)."""
+        with tf.device(self.device):
+            return gen_data_flow_ops.queue_dequeue_many_v2(self.handle, count,
+                                                           component_types=[self.dtype])[0]
+
     def size(self) -> tf.Tensor:
         with tf.device(self.device):
             return gen_data_flow_ops.queue_size_v2(self.handle)
@@ -116,6 +122,29 @@ class Channel:
         return self._share_queues("out", client_id, self.output_shape)
 
 
+class Backoff:
+    """Growing pauses between polls.
+
+    Every poll fetches a value from a worker, and TensorFlow's remote eager
+    runtime keeps about 3.6 KB on the worker for each value fetched from it
+    (measured: 3,000 size() fetches grew a worker by 10.7 MiB; the same ops
+    without fetching, by nothing). So we poll fast only while an answer is
+    likely to be close, and ever more slowly after that.
+    """
+
+    def __init__(self, first: float = 0.001, longest: float = 0.1) -> None:
+        self.first, self.longest = first, longest
+        self.delay = first
+
+    def pause(self, limit: float = float("inf")) -> None:
+        """Sleep for the current delay (at most ``limit`` s), then double it."""
+        time.sleep(max(0.0, min(self.delay, limit)))
+        self.delay = min(self.delay * 2, self.longest)
+
+    def reset(self) -> None:
+        self.delay = self.first
+
+
 def size(queue: SharedQueue) -> int:
     """Number of elements waiting in ``queue`` (one round trip to its worker)."""
     return int(queue.size().numpy())
@@ -124,3 +153,11 @@ def size(queue: SharedQueue) -> int:
 def take_string(queue: SharedQueue) -> str:
     """Dequeue one id; call only when `size` said one is waiting."""
     return queue.dequeue().numpy().decode()
+
+
+def take_all(queue: SharedQueue) -> int:
+    """Empty a queue of ids in two fetches; return how many were taken."""
+    count = size(queue)
+    if count:
+        queue.dequeue_many(count).numpy()
+    return count

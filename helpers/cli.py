@@ -10,7 +10,6 @@ import json
 import signal
 import sys
 import time
-from pathlib import Path
 from typing import List, Optional
 
 from . import processes

@@ -23,8 +23,7 @@ from .errors import StepTimeoutError
 from .validation import check_input
 
 _HEALTH_EVERY = 0.5   # seconds between worker checks while waiting
-_POLL = 0.001         # seconds between looks at the answer queue
-_MAX_FIRST_LOOK = 0.1 # never wait longer than this before the first look
+_MAX_FIRST_LOOK = 0.5  # never wait longer than this before the first look
 
 
 def secret_share(encoded: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
@@ -101,6 +100,7 @@ class PrivateClient:
         """
         last_health = last_report = start = time.monotonic()
         time.sleep(max(0.0, min(first_look, deadline - start)))
+        backoff = ch.Backoff(first=0.001, longest=0.1 if progress else 0.008)
         while True:
             try:
                 if condition():
@@ -116,7 +116,7 @@ class PrivateClient:
             if progress and now - last_report >= 5.0:
                 print(f"  still {step} ... {now - start:.0f} s")
                 last_report = now
-            time.sleep(_POLL if not progress else 0.1)
+            backoff.pause(limit=deadline - now)
 
     def query(self, x, timeout: float = 60.0) -> np.ndarray:
         """Send ``x`` as secret shares, wait for the answer, open it here."""

@@ -276,7 +276,7 @@ class TFECluster:
             self._assign_ports(chosen)
             self.config_path.write_text(json.dumps(self.hostmap, indent=2))
             if self.verbose:
-                print(f"Starting 3 workers: " + ", ".join(
+                print("Starting 3 workers: " + ", ".join(
                     f"{w.name} on {w.host}" for w in self.workers))
             for role, worker in zip(ROLES, self.workers):
                 child = processes.launch_worker(role, self.config_path, self._log_path(role))
@@ -351,7 +351,7 @@ class TFECluster:
                                        f"{names}. Did their commands start without errors?")
             if elapsed - last_report >= 5.0:
                 last_report = elapsed
-                print(f"  waiting for " + ", ".join(w.name for w in pending.values())
+                print("  waiting for " + ", ".join(w.name for w in pending.values())
                       + f" ... {elapsed:.0f} s")
             time.sleep(0.2)
         print("All 3 workers answer.")

@@ -16,7 +16,8 @@ from .errors import ServingStoppedError, StepTimeoutError
 SUPPORTED_LAYERS = {"Conv2D", "AveragePooling2D", "ReLU", "Activation", "Flatten", "Dense",
                     "InputLayer"}
 _HEALTH_EVERY = 0.5     # seconds between worker checks while idle
-_POLL = 0.002           # seconds between looks at the ticket queue when idle
+_IDLE_POLL_MAX = 0.1    # longest pause between looks at the ticket queue when idle
+_ACK_BATCH = 32         # collect client acknowledgements in batches of this size
 _ACK_WAIT = 30.0        # how long the last answers may take to reach their clients
 _CACHED_CLIENTS = 64    # queue handles kept for the most recent clients
 _SHARE_WAIT = 10.0      # how long a ticket's input shares may take to show up
@@ -122,6 +123,7 @@ class SharedModel:
         answered = 0
         waiting_acks = 0
         last_health = 0.0
+        idle = ch.Backoff(first=0.001, longest=_IDLE_POLL_MAX)
         if ch.size(channel.ready) == 0:
             channel.ready.enqueue(tf.constant("serving"))
         if self.verbose:
@@ -140,8 +142,9 @@ class SharedModel:
                     if now - last_health >= _HEALTH_EVERY:
                         self.cluster.check(during="while serving")
                         last_health = now
-                    time.sleep(_POLL)
+                    idle.pause(limit=float("inf") if deadline is None else deadline - now)
                     continue
+                idle.reset()
                 started = time.monotonic()
                 client_id = ch.take_string(channel.tickets)
                 (in0, in1), (out0, out1) = self._queues_of(client_id)
@@ -160,7 +163,8 @@ class SharedModel:
                 if self.verbose:
                     print(f"  request {self.served:>3} answered in "
                           f"{(time.monotonic() - started) * 1000:.0f} ms")
-                waiting_acks -= self._drain_acks()
+                if waiting_acks >= _ACK_BATCH:
+                    waiting_acks -= ch.take_all(channel.acks)
         except tf.errors.OpError as exc:
             self._raise_worker_problem(exc, "while serving")
         self._wait_for_acks(waiting_acks)
@@ -169,10 +173,11 @@ class SharedModel:
     def _shares_arrive(self, in0, in1) -> bool:
         """Wait (bounded) until both input shares of a ticket are in their queues."""
         deadline = time.monotonic() + _SHARE_WAIT
+        backoff = ch.Backoff()
         while not (ch.size(in0) > 0 and ch.size(in1) > 0):
             if time.monotonic() >= deadline:
                 return False
-            time.sleep(_POLL)
+            backoff.pause()
         return True
 
     def _queues_of(self, client_id: str):
@@ -185,21 +190,15 @@ class SharedModel:
             self._client_queues.pop(next(iter(self._client_queues)))
         return queues
 
-    def _drain_acks(self) -> int:
-        acks = 0
-        while ch.size(self.channel.acks) > 0:
-            ch.take_string(self.channel.acks)
-            acks += 1
-        return acks
-
     def _wait_for_acks(self, waiting: int) -> None:
         """Keep the workers needed until every answered client holds its answer."""
         deadline = time.monotonic() + _ACK_WAIT
         try:
+            backoff = ch.Backoff(first=0.005, longest=0.1)
             while waiting > 0 and time.monotonic() < deadline:
-                waiting -= self._drain_acks()
+                waiting -= ch.take_all(self.channel.acks)
                 if waiting > 0:
-                    time.sleep(0.01)
+                    backoff.pause()
         except tf.errors.OpError as exc:
             self._raise_worker_problem(exc, "while waiting for clients to collect answers")
         if waiting > 0 and self.verbose:

@@ -57,6 +57,12 @@ def run_helpers(*args, timeout=300, check=True, **kwargs):
     return proc
 
 
+def spawn_helpers(*args, env=None) -> subprocess.Popen:
+    """Start ``python -m helpers ARGS`` in the background, with piped text output."""
+    return subprocess.Popen([sys.executable, "-m", "helpers", *map(str, args)], cwd=ROOT, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
 @pytest.fixture
 def helpers_home():
     return Path(_home)

@@ -1,5 +1,4 @@
 """Faults with real processes: a worker dies mid-serving; a new cluster afterwards."""
-import json
 import os
 import signal
 import subprocess
@@ -9,15 +8,10 @@ import time
 
 import pytest
 
-from conftest import ROOT
-from helpers import TFECluster, TFEWorker, processes
+from conftest import ROOT, spawn_helpers
+from helpers import TFECluster, TFEWorker
 
 pytestmark = pytest.mark.integration
-
-
-def _spawn(*args):
-    return subprocess.Popen([sys.executable, "-m", "helpers", *map(str, args)], cwd=ROOT,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
 def _wait_exit(proc, timeout):
@@ -34,9 +28,9 @@ def test_a_worker_killed_during_serving_fails_server_and_client_naming_it(tmp_pa
     config = tmp_path / "cluster.json"
     with TFECluster(TFEWorker(), TFEWorker(), TFEWorker(), verbose=False) as cluster:
         cluster.save(config)
-        server = _spawn("serve", "--config", config, "--weights", seed_weights,
+        server = spawn_helpers("serve", "--config", config, "--weights", seed_weights,
                         "--requests", 1000, "--timeout", 600)
-        client = _spawn("query", "--config", config, "--images", 1000, "--json",
+        client = spawn_helpers("query", "--config", config, "--images", 1000, "--json",
                         "--timeout", 60)
         try:
             answered = 0

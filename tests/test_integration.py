@@ -6,21 +6,15 @@ notebooks, so no test leaves a TensorFlow connection behind in pytest itself.
 """
 import json
 import subprocess
-import sys
 import time
 
 import numpy as np
 import pytest
 
-from conftest import ROOT, our_worker_pids, run_helpers
-from helpers import StepTimeoutError, TFECluster, TFEWorker, WorkerDownError
+from conftest import our_worker_pids, run_helpers, spawn_helpers
+from helpers import TFECluster, TFEWorker, WorkerDownError
 
 pytestmark = pytest.mark.integration
-
-
-def _spawn(*args):
-    return subprocess.Popen([sys.executable, "-m", "helpers", *map(str, args)], cwd=ROOT,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
 def _finish(proc, timeout=600):
@@ -43,10 +37,10 @@ def test_private_predictions_match_plaintext_across_processes(tmp_path, seed_wei
     with TFECluster(TFEWorker(), TFEWorker(), TFEWorker()) as cluster:
         cluster.save(config)
         # Client first: it must wait for the model to be served.
-        client = _spawn("query", "--config", config, "--weights", seed_weights, "--images", 4,
+        client = spawn_helpers("query", "--config", config, "--weights", seed_weights, "--images", 4,
                         "--json", "--timeout", 300)
         time.sleep(2)
-        server = _spawn("serve", "--config", config, "--weights", seed_weights,
+        server = spawn_helpers("serve", "--config", config, "--weights", seed_weights,
                         "--requests", 4, "--timeout", 300)
         rows = _rows(_finish(client))
         served = _finish(server)
@@ -85,9 +79,9 @@ def test_two_concurrent_clients_each_get_their_own_answers(tmp_path, seed_weight
     per_client = 20
     with TFECluster(TFEWorker(), TFEWorker(), TFEWorker(), verbose=False) as cluster:
         cluster.save(config)
-        server = _spawn("serve", "--config", config, "--weights", seed_weights,
+        server = spawn_helpers("serve", "--config", config, "--weights", seed_weights,
                         "--requests", 2 * per_client, "--timeout", 600)
-        clients = [_spawn("query", "--config", config, "--weights", seed_weights, "--json",
+        clients = [spawn_helpers("query", "--config", config, "--weights", seed_weights, "--json",
                           "--images", per_client, "--first", first, "--timeout", 600)
                    for first in (0, 100)]
         results = [_rows(_finish(client)) for client in clients]

@@ -17,7 +17,7 @@ import sys
 import numpy as np
 import pytest
 
-from conftest import ROOT
+from conftest import spawn_helpers
 from helpers import TFECluster, TFEWorker, processes
 from helpers.ports import free_ports
 
@@ -95,18 +95,15 @@ def test_share_serve_and_query_across_three_hosts(three_hosts, tmp_path, seed_we
         assert f"{three_hosts[2][1]}:{port}" in printed
 
         env = dict(os.environ, HELPERS_DRIVER_HOST=BRIDGE_IP)
-        server = subprocess.Popen(
-            [sys.executable, "-m", "helpers", "serve", "--config", str(config), "--weights",
-             str(seed_weights), "--requests", "3", "--timeout", "300"],
-            cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        client = subprocess.run(
-            [sys.executable, "-m", "helpers", "query", "--config", str(config), "--weights",
-             str(seed_weights), "--images", "3", "--json", "--timeout", "300"],
-            cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
-        server_out, server_err = server.communicate(timeout=300)
-        assert client.returncode == 0, client.stderr[-3000:]
+        server = spawn_helpers("serve", "--config", config, "--weights", seed_weights,
+                               "--requests", 3, "--timeout", 300, env=env)
+        client = spawn_helpers("query", "--config", config, "--weights", seed_weights,
+                               "--images", 3, "--json", "--timeout", 300, env=env)
+        client_out, client_err = client.communicate(timeout=600)
+        _, server_err = server.communicate(timeout=300)
+        assert client.returncode == 0, client_err[-3000:]
         assert server.returncode == 0, server_err[-3000:]
-        rows = [json.loads(line) for line in client.stdout.splitlines() if line.startswith("{")]
+        rows = [json.loads(line) for line in client_out.splitlines() if line.startswith("{")]
         assert len(rows) == 3
         for row in rows:
             assert np.abs(np.array(row["logits"]) - np.array(row["plaintext"])).max() < 1e-2

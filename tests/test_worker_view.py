@@ -1,0 +1,70 @@
+"""What a worker really holds: read the input share straight out of its queue.
+
+A client sends the same image twice while no model is served (so nothing
+consumes the shares). A spy then takes both shares out of worker 0's queues,
+exactly the bytes that worker stores. They must differ between the two
+sends, spread over the whole 64-bit ring, and be unrelated to the pixels.
+"""
+import json
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+
+from conftest import ROOT
+from helpers import TFECluster, TFEWorker
+
+pytestmark = pytest.mark.integration
+
+SPY = textwrap.dedent("""
+    import json, sys, warnings
+    import numpy as np, tensorflow as tf
+    from helpers import TFECluster, TFEWorker, StepTimeoutError, load_mnist
+    from helpers import channel as ch, mpc
+    from helpers.client import PrivateClient
+    from helpers.models import as_model_input
+
+    cluster = TFECluster.load(sys.argv[1], timeout=60, verbose=False)
+    image = as_model_input(load_mnist()[1][0][:1])
+    client = PrivateClient((1, 28, 28, 1), (1, 10), cluster)
+    protocol = mpc.connect(cluster, 60, during="in the spy test")
+    client.protocol = protocol
+    client.channel = ch.Channel(protocol, "model", (1, 28, 28, 1), (1, 10))
+    client._scaling = float(protocol.fixedpoint_config.scaling_factor)
+    seen = []
+    for _ in range(2):
+        sent_as = client.client_id
+        try:
+            client.query(image, timeout=2)     # nobody serves: the shares stay queued
+        except StepTimeoutError:
+            pass
+        queue0, _ = client.channel.inputs(sent_as)
+        seen.append(queue0.dequeue().numpy().ravel().tolist())  # worker 0's share
+    pixels = np.rint(image.ravel() * client._scaling).astype(np.int64)
+    print(json.dumps({"shares": seen, "encoded": pixels.tolist()}))
+""")
+
+
+def test_a_worker_holds_fresh_random_shares_unrelated_to_the_image(tmp_path):
+    config = tmp_path / "cluster.json"
+    with TFECluster(TFEWorker(), TFEWorker(), TFEWorker(), verbose=False) as cluster:
+        cluster.save(config)
+        proc = subprocess.run([sys.executable, "-c", SPY, str(config)], cwd=ROOT,
+                              capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    seen = json.loads(proc.stdout.strip().splitlines()[-1])
+    first, second = (np.array(s, dtype=np.int64) for s in seen["shares"])
+    encoded = np.array(seen["encoded"], dtype=np.int64)
+    assert encoded.any(), "the image must not be blank for this test to mean anything"
+    # Fresh randomness every time: the same image never gives the same share.
+    assert not np.any(first == second)
+    for share in (first, second):
+        # Spread over the ring: both signs, and almost all values far beyond any pixel.
+        assert 0.4 < np.mean(share < 0) < 0.6
+        assert np.mean(np.abs(share) > 2**56) > 0.95
+        # Unrelated to the image: no correlation with the encoded pixels, and
+        # the zero pixels (most of an MNIST digit) are not recognisable.
+        assert abs(np.corrcoef(share.astype(np.float64), encoded)[0, 1]) < 0.15
+        assert not np.any(share[encoded == 0] == 0)
