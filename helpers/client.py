@@ -19,7 +19,7 @@ import tensorflow as tf
 
 from . import channel as ch
 from . import mpc
-from .errors import StepTimeoutError
+from .errors import NotConnectedError, StepTimeoutError
 from .validation import check_input
 
 _HEALTH_EVERY = 0.5   # seconds between worker checks while waiting
@@ -121,7 +121,6 @@ class PrivateClient:
     def query(self, x, timeout: float = 60.0) -> np.ndarray:
         """Send ``x`` as secret shares, wait for the answer, open it here."""
         if self.channel is None:
-            from .errors import NotConnectedError
             raise NotConnectedError("call connect_to_model(...) before query_model()")
         x = check_input(x, self.input_shape)
         with self._lock:

@@ -24,6 +24,7 @@ from typing import Dict, List, Optional, Sequence
 from . import ports, processes
 from .errors import (
     ConfigError,
+    NotConnectedError,
     PortInUseError,
     StepTimeoutError,
     WorkerDownError,
@@ -103,8 +104,6 @@ class TFEWorker:
         ``x`` is secret-shared here, only shares are sent, and the answer's
         shares are combined here, on this process's own device.
         """
-        from .errors import NotConnectedError
-
         if self._client is None:
             raise NotConnectedError("call connect_to_model(input_shape, output_shape, cluster) "
                                     "before query_model()")
