@@ -3,8 +3,7 @@ from __future__ import annotations
 
 import contextlib
 import socket
-import time
-from typing import Callable, List, Optional
+from typing import List
 
 LOOPBACK_NAMES = {"localhost", "127.0.0.1", "::1", "ip6-localhost"}
 
@@ -68,26 +67,3 @@ def answers(host: str, port: int, timeout: float = 0.5) -> bool:
             return True
     except OSError:
         return False
-
-
-def wait_until(
-    condition: Callable[[], bool],
-    timeout: float,
-    interval: float = 0.1,
-    on_tick: Optional[Callable[[float], None]] = None,
-) -> bool:
-    """Poll ``condition`` until it is true or ``timeout`` seconds have passed.
-
-    ``on_tick(elapsed)`` is called between polls, for progress or to fail early.
-    Returns the last value of ``condition``.
-    """
-    start = time.monotonic()
-    while True:
-        if condition():
-            return True
-        elapsed = time.monotonic() - start
-        if elapsed >= timeout:
-            return False
-        if on_tick is not None:
-            on_tick(elapsed)
-        time.sleep(min(interval, max(0.0, timeout - elapsed)))

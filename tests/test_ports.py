@@ -35,8 +35,3 @@ def test_port_in_use_is_detected_and_answers():
 def test_loopback_names():
     assert ports.is_loopback("localhost") and ports.is_loopback("127.0.0.2")
     assert not ports.is_loopback("10.0.0.1")
-
-
-def test_wait_until_times_out_and_succeeds():
-    assert ports.wait_until(lambda: True, timeout=0.1)
-    assert not ports.wait_until(lambda: False, timeout=0.2, interval=0.05)
