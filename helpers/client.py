@@ -3,8 +3,8 @@
 The input is encoded as fixed-point numbers in the 64-bit ring that SecureNN
 uses, split into two additive shares with the operating system's secure
 random generator, and each share goes to one worker. The answer comes back
-as two shares that are added together on this process's own device, so no
-worker ever holds an opened input or result.
+as two shares that are added together on this process's own device (see
+`Channel.receive_answer`), so no worker ever holds an opened input or result.
 """
 from __future__ import annotations
 
@@ -24,6 +24,7 @@ from .validation import check_input
 
 _HEALTH_EVERY = 0.5   # seconds between worker checks while waiting
 _MAX_FIRST_LOOK = 0.5  # never wait longer than this before the first look
+_POLL_MAX = 0.004      # longest pause between looks for an answer
 
 
 def secret_share(encoded: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
@@ -40,16 +41,9 @@ def secret_share(encoded: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
     return share0, share1
 
 
-def open_on_device(share0: tf.Tensor, share1: tf.Tensor, scaling_factor: float,
-                   device: Optional[str] = None) -> tf.Tensor:
-    """Combine two result shares on ``device`` and decode the fixed-point values.
-
-    Both shares are copied to ``device`` (by default this process's own CPU,
-    `mpc.local_device()`) and added there; the combined value exists nowhere else.
-    """
-    with tf.device(device or mpc.local_device()):
-        combined = tf.add(share0, share1)  # int64 addition wraps: mod 2**64
-        return tf.cast(combined, tf.float64) / scaling_factor
+def decode(combined: tf.Tensor, scaling_factor: float) -> np.ndarray:
+    """Fixed-point ring elements (int64) -> float32 values."""
+    return (combined.numpy().astype(np.float64) / scaling_factor).astype(np.float32)
 
 
 class PrivateClient:
@@ -66,7 +60,7 @@ class PrivateClient:
         self._lock = threading.Lock()  # one request in flight per client
         self._new_identity()
         self.last_open_device = None
-        self._last_latency = 0.0  # of the previous query, to time the first poll
+        self._last_wait = 0.0  # for the previous answer, to time the first poll
 
     def _new_identity(self) -> None:
         # A fresh id means fresh queues: an answer that arrives after we gave
@@ -82,7 +76,7 @@ class PrivateClient:
         self.channel = ch.Channel(self.protocol, self.model_name, self.input_shape,
                                   self.output_shape)
         self._scaling = float(self.protocol.fixedpoint_config.scaling_factor)
-        self._wait(lambda: ch.size(self.channel.ready) > 0, deadline,
+        self._wait(lambda: self.channel.waiting(self.channel.ready) > 0, deadline,
                    f"waiting for model '{self.model_name}' to be served",
                    hint="Run share(model, cluster).serve() in the serving process.",
                    progress=True)
@@ -100,7 +94,7 @@ class PrivateClient:
         """
         last_health = last_report = start = time.monotonic()
         time.sleep(max(0.0, min(first_look, deadline - start)))
-        backoff = ch.Backoff(first=0.001, longest=0.1 if progress else 0.008)
+        backoff = ch.Backoff(first=0.001, longest=0.1 if progress else _POLL_MAX)
         while True:
             try:
                 if condition():
@@ -128,25 +122,19 @@ class PrivateClient:
             if self._queues is None:
                 self._queues = (self.channel.inputs(self.client_id),
                                 self.channel.outputs(self.client_id))
-            (in0, in1), (out0, out1) = self._queues
+            inputs, outputs = self._queues
             share0, share1 = secret_share(self.protocol._encode(x, apply_scaling=True))
             try:
-                in0.enqueue(tf.constant(share0))
-                in1.enqueue(tf.constant(share1))
-                # The ticket goes last, once both shares are known to be in
-                # place (remote ops run asynchronously): the server must find
-                # both shares of this request waiting.
-                self._wait(lambda: ch.size(in0) > 0 and ch.size(in1) > 0, deadline,
-                           "sending the input shares")
-                self.channel.tickets.enqueue(tf.constant(self.client_id))
+                self.channel.send_request(inputs, share0, share1, self.client_id)
+                sent = time.monotonic()
                 ch.trace(f"client {self.client_id}: shares and ticket sent")
-                self._wait(lambda: ch.size(out0) > 0 and ch.size(out1) > 0, deadline,
+                self._wait(lambda: self.channel.both_waiting(*outputs), deadline,
                            "waiting for the private prediction",
                            hint="Is serve() running, with requests left to answer?",
-                           first_look=min(0.8 * self._last_latency, _MAX_FIRST_LOOK))
-                opened = open_on_device(out0.dequeue(), out1.dequeue(), self._scaling)
-                result = opened.numpy().astype(np.float32)
-                self.channel.acks.enqueue(tf.constant(self.client_id))
+                           first_look=min(0.85 * self._last_wait, _MAX_FIRST_LOOK))
+                self._last_wait = time.monotonic() - sent
+                combined = self.channel.receive_answer(outputs, self.client_id)
+                result = decode(combined, self._scaling)
             except BaseException as exc:
                 # Whatever went wrong, never reuse these queues: a late answer
                 # must not be taken for the answer to a later query.
@@ -154,6 +142,5 @@ class PrivateClient:
                 if isinstance(exc, tf.errors.OpError):
                     mpc.raise_for_op_error(self.cluster, exc, "while querying")
                 raise
-            self.last_open_device = opened.device
-            self._last_latency = time.monotonic() - (deadline - timeout)
+            self.last_open_device = combined.device
             return result

@@ -2,11 +2,13 @@
 from __future__ import annotations
 
 import time
+import uuid
 from typing import Optional
 
 import numpy as np
 import tensorflow as tf
 import tf_encrypted as tfe
+from tensorflow.python.ops import gen_data_flow_ops
 from tf_encrypted.protocol.pond import PondPrivateTensor
 
 from . import channel as ch
@@ -17,6 +19,8 @@ SUPPORTED_LAYERS = {"Conv2D", "AveragePooling2D", "ReLU", "Activation", "Flatten
                     "InputLayer"}
 _HEALTH_EVERY = 0.5     # seconds between worker checks while idle
 _IDLE_POLL_MAX = 0.1    # longest pause between looks at the ticket queue when idle
+_BUSY_POLL_MAX = 0.004  # ... and while requests keep coming
+_BUSY_FOR = 2.0         # seconds after an answer during which requests "keep coming"
 _ACK_BATCH = 32         # collect client acknowledgements in batches of this size
 _ACK_WAIT = 30.0        # how long the last answers may take to reach their clients
 _CACHED_CLIENTS = 64    # queue handles kept for the most recent clients
@@ -66,7 +70,7 @@ class SharedModel:
                                                 timeout, "sharing the model weights")
         # autograph=False: TF Encrypted's layers use no tensor-dependent Python
         # control flow, and converting its code took ~15 of the ~18 s of tracing.
-        self._compute = tf.function(self._forward, autograph=False)
+        self._step = tf.function(self._answer_graph, autograph=False)
         # Trace once now, so the first client does not wait for it.
         mpc.call_with_timeout(self._warm_up, timeout, "preparing the private computation")
         self.share_seconds = time.monotonic() - start
@@ -87,14 +91,34 @@ class SharedModel:
         y0, y1 = y.unwrapped
         return y0.value, y1.value
 
+    def _answer_graph(self, in0, in1, out0, out1) -> None:
+        """One request as one call: take the input shares, compute, queue the answer."""
+        devices = self.channel.devices
+        with tf.device(devices[0]):
+            x0 = gen_data_flow_ops.queue_dequeue_v2(in0, component_types=[tf.int64])[0]
+        with tf.device(devices[1]):
+            x1 = gen_data_flow_ops.queue_dequeue_v2(in1, component_types=[tf.int64])[0]
+        for share in (x0, x1):
+            share.set_shape(self.input_shape)  # a dequeue does not know its shape
+        y0, y1 = self._forward(x0, x1)
+        with tf.device(devices[0]):
+            gen_data_flow_ops.queue_enqueue_v2(out0, [y0])
+        with tf.device(devices[1]):
+            gen_data_flow_ops.queue_enqueue_v2(out1, [y1])
+
+    def _answer(self, inputs, outputs) -> None:
+        self._step(inputs[0].handle, inputs[1].handle, outputs[0].handle, outputs[1].handle)
+
     def _warm_up(self) -> None:
+        """Answer one all-zero request from a private pair of queues."""
+        own = f"warm-up-{uuid.uuid4().hex}"
+        inputs, outputs = self.channel.inputs(own), self.channel.outputs(own)
         zeros = np.zeros(self.input_shape, dtype=np.int64)
-        shares = []
-        for party in (0, 1):
-            with tf.device(mpc.device_of(self.protocol, party)):
-                shares.append(tf.identity(tf.constant(zeros)))
-        out0, _ = self._compute(*shares)
-        out0.numpy()  # wait for the computation to finish
+        for queue in inputs:
+            queue.enqueue(zeros)
+        self._answer(inputs, outputs)
+        for queue in outputs:
+            queue.dequeue().numpy()  # waits for the computation to finish
 
     def share_of(self, layer_index: int = 0, party: int = 0) -> np.ndarray:
         """One worker's share of a layer's first weight, as that worker sees it.
@@ -126,7 +150,8 @@ class SharedModel:
         waiting_acks = 0
         last_health = 0.0
         idle = ch.Backoff(first=0.001, longest=_IDLE_POLL_MAX)
-        if ch.size(channel.ready) == 0:
+        last_answer = float("-inf")
+        if channel.waiting(channel.ready) == 0:
             channel.ready.enqueue(tf.constant("serving"))
         if self.verbose:
             total = "until stopped" if num_requests is None else f"{num_requests} requests"
@@ -135,7 +160,8 @@ class SharedModel:
             while num_requests is None or answered < num_requests:
                 if self._stopped:
                     break
-                if ch.size(channel.tickets) == 0:
+                client_id = channel.take_ticket()
+                if client_id is None:
                     now = time.monotonic()
                     if deadline is not None and now >= deadline:
                         raise StepTimeoutError(
@@ -144,39 +170,43 @@ class SharedModel:
                     if now - last_health >= _HEALTH_EVERY:
                         self.cluster.check(during="while serving")
                         last_health = now
+                    # Look often while requests keep coming, rarely once they stop.
+                    idle.longest = _BUSY_POLL_MAX if now - last_answer < _BUSY_FOR else _IDLE_POLL_MAX
                     idle.pause(limit=float("inf") if deadline is None else deadline - now)
                     continue
                 idle.reset()
                 started = time.monotonic()
-                client_id = ch.take_string(channel.tickets)
-                (in0, in1), (out0, out1) = self._queues_of(client_id)
+                inputs, outputs = self._queues_of(client_id)
                 ch.trace(f"server: ticket {client_id}")
-                if not self._shares_arrive(in0, in1):
+                if not self._shares_arrive(inputs):
                     # A dequeue would block forever; the client will time out.
                     print(f"  skipped a request whose input shares did not arrive "
                           f"within {_SHARE_WAIT:.0f} s")
                     continue
-                y0, y1 = self._compute(in0.dequeue(), in1.dequeue())
-                out0.enqueue(y0)
-                out1.enqueue(y1)
+                self._answer(inputs, outputs)
+                last_answer = time.monotonic()
                 answered += 1
                 waiting_acks += 1
                 self.served += 1
                 if self.verbose:
                     print(f"  request {self.served:>3} answered in "
-                          f"{(time.monotonic() - started) * 1000:.0f} ms")
+                          f"{(last_answer - started) * 1000:.0f} ms")
                 if waiting_acks >= _ACK_BATCH:
-                    waiting_acks -= ch.take_all(channel.acks)
+                    waiting_acks -= channel.take_acks()
         except tf.errors.OpError as exc:
             self._raise_worker_problem(exc, "while serving")
         self._wait_for_acks(waiting_acks)
         return answered
 
-    def _shares_arrive(self, in0, in1) -> bool:
-        """Wait (bounded) until both input shares of a ticket are in their queues."""
+    def _shares_arrive(self, inputs) -> bool:
+        """Check (waiting a bounded time) that both input shares of a ticket are queued.
+
+        Clients queue both shares before their ticket, so this is a single
+        look unless a client misbehaves.
+        """
         deadline = time.monotonic() + _SHARE_WAIT
         backoff = ch.Backoff()
-        while not (ch.size(in0) > 0 and ch.size(in1) > 0):
+        while not self.channel.both_waiting(*inputs):
             if time.monotonic() >= deadline:
                 return False
             backoff.pause()
@@ -198,7 +228,7 @@ class SharedModel:
         try:
             backoff = ch.Backoff(first=0.005, longest=0.1)
             while waiting > 0 and time.monotonic() < deadline:
-                waiting -= ch.take_all(self.channel.acks)
+                waiting -= self.channel.take_acks()
                 if waiting > 0:
                     backoff.pause()
         except tf.errors.OpError as exc:
@@ -223,7 +253,7 @@ class SharedModel:
             print(f"Stopped serving after {self.served} requests.")
 
     def _withdraw(self) -> None:
-        while ch.size(self.channel.ready) > 0:
+        while self.channel.waiting(self.channel.ready) > 0:
             self.channel.ready.dequeue()
 
 

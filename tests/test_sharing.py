@@ -2,7 +2,7 @@
 import numpy as np
 import tensorflow as tf
 
-from helpers.client import open_on_device, secret_share
+from helpers.client import decode, secret_share
 from helpers.mpc import local_device
 
 
@@ -34,9 +34,12 @@ def test_a_share_is_spread_over_the_ring_and_unrelated_to_the_image():
         assert abs(np.corrcoef(share.astype(np.float64), pixels)[0, 1]) < 0.05
 
 
-def test_opening_happens_on_the_requested_device():
-    secret = np.array([[3 * 6561, -2 * 6561]], dtype=np.int64)
+def test_shares_add_up_mod_2_64_and_decode_to_the_values():
+    secret = np.array([[3 * 6561, -2 * 6561, 6561 // 2]], dtype=np.int64)
     share0, share1 = secret_share(secret)
-    opened = open_on_device(tf.constant(share0), tf.constant(share1), 6561.0)
-    assert opened.device == local_device() == "/job:localhost/replica:0/task:0/device:CPU:0"
-    np.testing.assert_allclose(opened.numpy(), [[3.0, -2.0]])
+    combined = tf.add(tf.constant(share0), tf.constant(share1))  # wraps, as on the client
+    np.testing.assert_allclose(decode(combined, 6561.0), [[3.0, -2.0, 0.49992377]], rtol=1e-6)
+
+
+def test_this_process_opens_on_its_own_cpu():
+    assert local_device() == "/job:localhost/replica:0/task:0/device:CPU:0"
