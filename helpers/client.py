@@ -12,7 +12,7 @@ import os
 import threading
 import time
 import uuid
-from typing import Optional, Sequence, Tuple
+from typing import Sequence, Tuple
 
 import numpy as np
 import tensorflow as tf

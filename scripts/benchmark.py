@@ -12,11 +12,15 @@ process as the client, all on loopback:
   * throughput in images/s at batch sizes 1, 10 and 100, private and plaintext;
   * agreement of private and plaintext argmax over the MNIST test set, and
     the largest logit difference.
+With the same cluster, weights and batch sizes it also measures TF
+Encrypted's stock serving queues (scripts/stock_serving.py), the path the
+helpers replace, so the comparison is made on one machine in one run.
 Prints a markdown table and writes it, with a plot, to bench-results/.
 """
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import platform
 import subprocess
@@ -70,6 +74,41 @@ def serve(config: Path, weights: Path, batch: int, requests: int) -> subprocess.
         cwd=ROOT, stdout=subprocess.PIPE, text=True)
 
 
+def stock_figures(config: Path, weights: Path, queries: int) -> dict:
+    """Latency and throughput of TF Encrypted's stock QueueServer/QueueClient."""
+    script = str(ROOT / "scripts" / "stock_serving.py")
+    figures = {}
+    for batch in BATCHES:
+        n = max(5, queries // batch)
+        server = subprocess.Popen([sys.executable, script, "server", str(config), str(weights),
+                                   str(batch), str(n + 1)], cwd=ROOT, stdout=subprocess.PIPE,
+                                  text=True)
+        try:
+            # Connect the client only once the model is shared: a client that
+            # connects while the stock server is still sharing can hang both.
+            for line in server.stdout:
+                if line.strip() == "ready":
+                    break
+            client = subprocess.run([sys.executable, script, "client", str(config), str(batch),
+                                     str(n + 1)], cwd=ROOT, capture_output=True, text=True,
+                                    timeout=1800)
+            if client.returncode != 0:
+                raise RuntimeError(f"stock client failed:\n{client.stderr[-2000:]}")
+            row = json.loads(client.stdout.strip().splitlines()[-1])
+            server.wait(timeout=300)
+        finally:
+            if server.poll() is None:
+                server.terminate()
+                server.wait(timeout=30)
+        times = row["times_s"]
+        figures[batch] = {"median": float(np.median(times)), "p95": float(np.percentile(times, 95)),
+                          "images_per_s": batch / float(np.median(times)),
+                          "first_s": row["first_s"]}
+        print(f"stock batch {batch:>3}: median {figures[batch]['median'] * 1000:.0f} ms, "
+              f"{figures[batch]['images_per_s']:.0f} images/s", flush=True)
+    return figures
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="a short smoke run")
@@ -110,9 +149,11 @@ def main() -> int:
                     client = helpers.TFEWorker()
                     client.connect_to_model((batch, 28, 28, 1), (batch, 10), cluster,
                                             timeout=600, model_name=f"bench-{batch}")
+                    started = time.perf_counter()
                     client.query_model(x_all[:batch], timeout=600)  # first query
                     if first_query is None:
                         first_query = time.perf_counter() - t0
+                        first_latency = time.perf_counter() - started
                     times = []
                     for i in range(n):
                         sample = x_all[(i * batch) % 9000:(i * batch) % 9000 + batch]
@@ -135,6 +176,8 @@ def main() -> int:
                     if server.poll() is None:
                         server.terminate()
                         server.wait(timeout=30)
+            print("TF Encrypted's stock serving queues, same cluster ...", flush=True)
+            stock = stock_figures(config, weights, latency_queries)
             sharing = [line for s in servers for line in (s.stdout.read() if s.stdout else "").split()
                        if line.startswith("shared_s=")]
 
@@ -147,36 +190,45 @@ def main() -> int:
          f"{min(share_s):.1f} to {max(share_s):.1f} s" if share_s else "n/a", "", ""),
         ("start() to first answered private query", f"{first_query:.1f} s", "", ""),
         ("latency at batch 1, median", f"{private[1]['median'] * 1000:.0f} ms",
-         f"{plain[1]['median'] * 1000:.2f} ms", f"{private[1]['median'] / plain[1]['median']:.0f}x"),
+         f"{plain[1]['median'] * 1000:.2f} ms", f"{private[1]['median'] / plain[1]['median']:.0f}x",
+         f"{stock[1]['median'] * 1000:.0f} ms", f"{stock[1]['median'] / private[1]['median']:.2f}x"),
         ("latency at batch 1, p95", f"{private[1]['p95'] * 1000:.0f} ms",
-         f"{plain[1]['p95'] * 1000:.2f} ms", f"{private[1]['p95'] / plain[1]['p95']:.0f}x"),
+         f"{plain[1]['p95'] * 1000:.2f} ms", f"{private[1]['p95'] / plain[1]['p95']:.0f}x",
+         f"{stock[1]['p95'] * 1000:.0f} ms", f"{stock[1]['p95'] / private[1]['p95']:.2f}x"),
     ]
+    rows.append(("first query once the model is shared, batch 1", f"{first_latency:.2f} s", "", "",
+                 f"{stock[1]['first_s']:.2f} s", f"{stock[1]['first_s'] / first_latency:.1f}x"))
     for batch in BATCHES:
         rows.append((f"throughput at batch {batch}", f"{private[batch]['images_per_s']:.0f} img/s",
                      f"{plain[batch]['images_per_s']:.0f} img/s",
-                     f"{plain[batch]['images_per_s'] / private[batch]['images_per_s']:.0f}x slower"))
+                     f"{plain[batch]['images_per_s'] / private[batch]['images_per_s']:.0f}x slower",
+                     f"{stock[batch]['images_per_s']:.0f} img/s",
+                     f"{private[batch]['images_per_s'] / stock[batch]['images_per_s']:.2f}x"))
     rows.append((f"argmax agreement, {agreement_images:,} test images", f"{agree:,}/{agreement_images:,}",
-                 "", ""))
-    rows.append(("largest logit difference", f"{worst:.1e}", "", ""))
+                 "", "", "", ""))
+    rows.append(("largest logit difference", f"{worst:.1e}", "", "", "", ""))
+    rows = [row + ("",) * (6 - len(row)) for row in rows]
     machine = f"{os.cpu_count()} cores, {platform.machine()}, Python {platform.python_version()}"
     table = [f"Machine: {machine}; plaintext test accuracy {accuracy:.4f}; "
              f"{time.strftime('%Y-%m-%d')}{' (quick run)' if args.quick else ''}", "",
-             "| figure | private (SecureNN) | plaintext Keras | ratio |", "|---|---|---|---|"]
-    table += [f"| {a} | {b} | {c} | {d} |" for a, b, c, d in rows]
+             "| figure | private (helpers, SecureNN) | plaintext Keras | private/plaintext "
+             "| stock tfe.serving | speed-up over stock |", "|---|---|---|---|---|---|"]
+    table += ["| " + " | ".join(row) + " |" for row in rows]
     text = "\n".join(table)
     print("\n" + text)
     (out / "benchmark.md").write_text(text + "\n")
-    plot(private, plain, out / "benchmark.png")
+    plot(private, plain, stock, out / "benchmark.png")
     return 0
 
 
-def plot(private: dict, plain: dict, path: Path) -> None:
+def plot(private: dict, plain: dict, stock: dict, path: Path) -> None:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
-    for figures, label in ((private, "private (SecureNN)"), (plain, "plaintext Keras")):
+    for figures, label in ((private, "private (helpers)"), (stock, "private (stock tfe.serving)"),
+                           (plain, "plaintext Keras")):
         left.plot(BATCHES, [figures[b]["median"] * 1000 for b in BATCHES], "o-", label=label)
         right.plot(BATCHES, [figures[b]["images_per_s"] for b in BATCHES], "o-", label=label)
     for axis, ylabel in ((left, "median latency per query (ms)"), (right, "images per second")):
