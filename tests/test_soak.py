@@ -14,10 +14,11 @@ from helpers import TFECluster, TFEWorker
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 QUERIES = 1000
 # Bound on the growth of each worker's resident memory between query 100 and
-# query 1,000. Per-client queues are reused, so our own state does not grow;
-# but TensorFlow's remote eager runtime keeps about 3.6 KB on a worker for
-# every value fetched from it (see channel.Backoff), and each query fetches a
-# few (queue sizes, the answer's shares). Worker 0 takes the most fetches.
+# query 1,000. Per-client queues are reused, so our own state does not grow.
+# TensorFlow's remote eager runtime keeps about 3.6 KB on a worker for every
+# value fetched from it by a plain eager op (see channel.Channel); the
+# channel's exchanges are traced calls, which avoid that, so this bound is
+# there to catch a change that brings per-query fetches back.
 MEMORY_GROWTH_BOUND_MB = 64
 
 
