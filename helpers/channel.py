@@ -71,12 +71,6 @@ class SharedQueue:
         with tf.device(self.device):
             return gen_data_flow_ops.queue_dequeue_v2(self.handle, component_types=[self.dtype])[0]
 
-    def dequeue_many(self, count: int) -> tf.Tensor:
-        """Take the ``count`` oldest elements at once (check `size` first)."""
-        with tf.device(self.device):
-            return gen_data_flow_ops.queue_dequeue_many_v2(self.handle, count,
-                                                           component_types=[self.dtype])[0]
-
     def size(self) -> tf.Tensor:
         with tf.device(self.device):
             return gen_data_flow_ops.queue_size_v2(self.handle)
@@ -246,10 +240,3 @@ class Backoff:
     def reset(self) -> None:
         self.delay = self.first
 
-
-def size(queue: SharedQueue) -> int:
-    """Number of elements waiting in ``queue``, fetched with a plain eager op.
-
-    Prefer `Channel.waiting` in loops: see `Channel` for why.
-    """
-    return int(queue.size().numpy())
