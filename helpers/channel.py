@@ -67,13 +67,10 @@ class SharedQueue:
             gen_data_flow_ops.queue_enqueue_v2(self.handle, [tf.convert_to_tensor(value, self.dtype)])
 
     def dequeue(self) -> tf.Tensor:
-        """Take the oldest element (blocks if empty: check `size` first)."""
+        """Take the oldest element (blocks if empty: look with `Channel.waiting` first)."""
         with tf.device(self.device):
             return gen_data_flow_ops.queue_dequeue_v2(self.handle, component_types=[self.dtype])[0]
 
-    def size(self) -> tf.Tensor:
-        with tf.device(self.device):
-            return gen_data_flow_ops.queue_size_v2(self.handle)
 
 
 def _shape_error(exc: tf.errors.OpError, what: str) -> ValueError:
