@@ -72,7 +72,6 @@ class SharedQueue:
             return gen_data_flow_ops.queue_dequeue_v2(self.handle, component_types=[self.dtype])[0]
 
 
-
 def _shape_error(exc: tf.errors.OpError, what: str) -> ValueError:
     return ValueError(
         f"the {what} shape does not match the served model's ({exc.message}). "
