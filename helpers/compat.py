@@ -7,6 +7,9 @@ package before any TF Encrypted model is built.
 """
 from __future__ import annotations
 
+from contextlib import contextmanager
+from typing import Iterator
+
 import numpy as np
 import tensorflow as tf
 
@@ -52,6 +55,42 @@ def _round_when_encoding() -> None:
 
     encode_rounded._helpers_rounding = True
     Pond._encode = encode_rounded
+
+
+# The ABY3 protocol state that holds its key material and counters.
+_ABY3_KEY_STATE = ("pairwise_keys_", "pairwise_nonces_", "b2a_keys_1_", "b2a_keys_2_",
+                   "b2a_nonce_", "keys_initialized")
+
+
+@contextmanager
+def fresh_aby3_randomness(protocol) -> Iterator[None]:
+    """Use around ABY3 code that is being traced by ``tf.function``.
+
+    Upstream bug: ABY3 (tf_encrypted/protocol/aby3/aby3.py, `reset`,
+    `_setup_pairwise_randomness`, `_setup_b2a_generator`) draws the keys that
+    pairs of workers share once, when the protocol object is made, and counts
+    its nonces in Python. That suits TensorFlow 1 sessions, where the key ops
+    ran again on every run. Under TensorFlow 2 the keys are drawn once,
+    eagerly, and a traced function captures them and bakes the nonces in as
+    constants, so every call reuses the same masks: a worker that sees
+    x + r in one query and x' + r in the next learns x - x'.
+
+    Calling `reset()` during tracing puts the key draws into the graph, so
+    each call draws new keys. The nonces become int32 tensors because the
+    keys are int32 and a graph will not add an int64 numpy value to them.
+    Afterwards the protocol's eager key state is put back: graph tensors left
+    in it would break any later eager use ("out of scope" errors).
+
+    Not a patch, so not part of `apply()`: only traced ABY3 code needs it.
+    """
+    saved = {name: getattr(protocol, name) for name in _ABY3_KEY_STATE}
+    protocol.reset()
+    protocol.pairwise_nonces_ = tf.constant(protocol.pairwise_nonces_, dtype=tf.int32)
+    try:
+        yield
+    finally:
+        for name, value in saved.items():
+            setattr(protocol, name, value)
 
 
 def apply() -> None:

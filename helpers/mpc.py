@@ -20,8 +20,9 @@ from . import compat  # noqa: E402
 from .errors import StepTimeoutError  # noqa: E402
 
 T = TypeVar("T")
+PROTOCOLS = ("securenn", "aby3")
 _connected_hostmap: Optional[dict] = None
-_protocol = None
+_protocols: dict = {}
 
 
 def local_device() -> str:
@@ -57,20 +58,53 @@ def call_with_timeout(fn: Callable[[], T], timeout: float, step: str) -> T:
     return outcome["value"]
 
 
-def connect(cluster, timeout: float, during: str):
-    """Point TF Encrypted at ``cluster`` and return a SecureNN protocol instance.
+def connect(cluster, timeout: float, during: str, protocol: str = "securenn"):
+    """Point TF Encrypted at ``cluster`` and return a protocol instance.
 
-    Every worker must answer a TCP connect first; otherwise `WorkerDownError`
-    names the one that is missing, instead of blocking forever.
+    ``protocol`` is "securenn" (the default) or "aby3". Every worker must
+    answer a TCP connect first; otherwise `WorkerDownError` names the one
+    that is missing, instead of blocking forever.
     """
-    global _connected_hostmap, _protocol
+    global _connected_hostmap
+    if protocol not in PROTOCOLS:
+        raise ValueError(f"protocol must be one of {', '.join(PROTOCOLS)}, got {protocol!r}")
     compat.apply()
     cluster.check(during=during)
     hostmap = dict(cluster.hostmap)
-    if _connected_hostmap == hostmap and _protocol is not None:
-        return _protocol
-    config = tfe.RemoteConfig(cluster.hostmap)
-    tfe.set_config(config)
+    if _connected_hostmap != hostmap:
+        _connect_to(hostmap, timeout, during)
+        _connected_hostmap = hostmap
+        _protocols.clear()
+    if protocol not in _protocols:
+        # ABY3 draws its key material on the workers when it is made.
+        _protocols[protocol] = call_with_timeout(_PROTOCOL_CLASSES[protocol], timeout,
+                                                 f"setting up {protocol} ({during})")
+    instance = _protocols[protocol]
+    tfe.set_protocol(instance)
+    return instance
+
+
+def _securenn():
+    protocol = tfe.protocol.SecureNN()
+    # Our client encodes and opens values itself; that code assumes the
+    # default 64-bit ring, which SecureNN uses unless told otherwise.
+    if protocol.tensor_factory.native_type != tf.int64:
+        raise RuntimeError("expected SecureNN's default 64-bit ring")
+    return protocol
+
+
+def _aby3():
+    protocol = tfe.protocol.ABY3()
+    if protocol.default_factory.native_type != tf.int64:
+        raise RuntimeError("expected ABY3's default 64-bit ring")
+    return protocol
+
+
+_PROTOCOL_CLASSES = {"securenn": _securenn, "aby3": _aby3}
+
+
+def _connect_to(hostmap: dict, timeout: float, during: str) -> None:
+    tfe.set_config(tfe.RemoteConfig(hostmap))
     # Like config.connect_servers(), but the address at which the workers reach
     # this process is ours to choose: on several hosts "localhost" would point
     # each worker at itself. Set HELPERS_DRIVER_HOST to this machine's address
@@ -81,14 +115,11 @@ def connect(cluster, timeout: float, during: str):
     spec = tf.train.ClusterSpec({"tfe": list(hostmap.values()), "localhost": [driver]})
     call_with_timeout(lambda: tf.config.experimental_connect_to_cluster(spec, job_name="localhost"),
                       timeout, f"connecting to the workers ({during})")
-    protocol = tfe.protocol.SecureNN()
-    # Our client encodes and opens values itself; that code assumes the
-    # default 64-bit ring, which SecureNN uses unless told otherwise.
-    if protocol.tensor_factory.native_type != tf.int64:
-        raise RuntimeError("expected SecureNN's default 64-bit ring")
-    tfe.set_protocol(protocol)
-    _connected_hostmap, _protocol = hostmap, protocol
-    return protocol
+
+
+def parties_of(protocol: str) -> int:
+    """How many workers hold a share of each value: 2 for SecureNN, 3 for ABY3."""
+    return 3 if protocol == "aby3" else 2
 
 
 def raise_for_op_error(cluster, exc: Exception, during: str) -> None:
@@ -104,6 +135,6 @@ def raise_for_op_error(cluster, exc: Exception, during: str) -> None:
     raise ClusterError(f"the workers reported an error {during}: {message}") from exc
 
 
-def device_of(protocol, party: int) -> str:
-    """TensorFlow device name of SecureNN party 0, 1 or 2."""
-    return (protocol.server_0, protocol.server_1, protocol.server_2)[party].device_name
+def device_of(party: int) -> str:
+    """TensorFlow device name of worker 0, 1 or 2 (call after `connect`)."""
+    return tfe.get_config().get_player(f"server{party}").device_name

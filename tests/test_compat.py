@@ -72,3 +72,42 @@ def test_encoding_truncates_toward_zero_without_the_rounding_shim():
 
 def test_encoding_rounds_to_nearest_with_the_rounding_shim():
     assert _encode(apply=True) == "[2, -2, 0, 3] [2, -2, 0, 3]"
+
+
+ABY3_MASKS_SCRIPT = """
+import contextlib, os
+os.environ["TF_CPP_MIN_LOG_LEVEL"] = "3"
+import numpy as np, tensorflow as tf, tf_encrypted as tfe
+from helpers import compat
+prot = tfe.protocol.ABY3()
+tfe.set_protocol(prot)
+
+def masks():
+    fresh = compat.fresh_aby3_randomness(prot) if {apply} else contextlib.nullcontext()
+    with fresh:
+        # A random sharing of zero: what ABY3 adds to hide every product.
+        return [share.value for share in prot._gen_zero_sharing([64])]
+
+traced = tf.function(masks, autograph=False)
+first, second = (np.stack([m.numpy() for m in traced()]) for _ in range(2))
+# Still a sharing of zero each time, whatever the masks are.
+assert not (first.sum(axis=0)).any() and not (second.sum(axis=0)).any()
+# The protocol keeps working eagerly after the trace.
+eager = np.stack([m.value.numpy() for m in prot._gen_zero_sharing([64])])
+print("same" if np.array_equal(first, second) else "fresh", "eager-ok" if eager.any() else "eager-zero")
+"""
+
+
+def _aby3_masks(apply: bool) -> str:
+    proc = subprocess.run([sys.executable, "-c", ABY3_MASKS_SCRIPT.format(apply=apply)], cwd=ROOT,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return proc.stdout.strip()
+
+
+def test_traced_aby3_reuses_its_masks_without_the_fresh_randomness_shim():
+    assert _aby3_masks(apply=False) == "same eager-ok"
+
+
+def test_traced_aby3_draws_new_masks_on_every_call_with_the_shim():
+    assert _aby3_masks(apply=True) == "fresh eager-ok"
