@@ -5,11 +5,12 @@ with no request ids, so two clients can take each other's answers, and its
 client opens the answer on a worker. This channel fixes both:
 
 * Each client gets its own queues, named after a random client id:
-  ``in/<id>`` and ``out/<id>``, one share queue on worker 0 and one on
-  worker 1. Nobody else reads them, so an answer can only reach its client.
-* A client first puts both input shares in its ``in`` queues, then puts its
+  ``in/<id>`` and ``out/<id>``, one share queue on each worker that holds a
+  share (workers 0 and 1 for SecureNN, all three for ABY3). Nobody else
+  reads them, so an answer can only reach its client.
+* A client first puts its input shares in its ``in`` queues, then puts its
   id in the public ``tickets`` queue. The server takes one ticket at a time,
-  so it always finds both shares of that request waiting.
+  so it always finds every share of that request waiting.
 * The answer's shares go to the client's ``out`` queues; the client combines
   them on its own device. It then puts its id in ``acks``, so the server
   knows the answer arrived before anyone stops the workers.
@@ -23,13 +24,13 @@ from __future__ import annotations
 import os
 import sys
 import time
-from typing import Optional, Sequence, Tuple
+from typing import List, Optional, Sequence, Tuple
 
 import numpy as np
 import tensorflow as tf
 from tensorflow.python.ops import gen_data_flow_ops
 
-from .mpc import device_of, local_device
+from .mpc import PROTOCOLS, device_of, local_device, parties_of
 
 _TRACE = bool(os.environ.get("HELPERS_TRACE"))
 
@@ -81,8 +82,12 @@ def _shape_error(exc: tf.errors.OpError, what: str) -> ValueError:
 class Channel:
     """Named queues for one served model (``model_name``) on one cluster.
 
+    ``protocol`` ("securenn" or "aby3") says how many workers hold a share of
+    each value: two or three. Each protocol has its own queues, so a SecureNN
+    client never takes an ABY3 model's tickets, nor the other way round.
+
     Every exchange with the queues is one traced function call, so one round
-    trip: a client sends both shares and its ticket in one call, the server
+    trip: a client sends its shares and its ticket in one call, the server
     takes a ticket (or learns there is none) in one call, and so on. Values
     come back through the function's own transfer to this process's device.
     That matters for polling: TensorFlow 2.9's remote eager runtime keeps
@@ -91,20 +96,19 @@ class Channel:
     same count returned by a traced function grew it by 0.2 MiB.
     """
 
-    def __init__(self, protocol, model_name: str, input_shape: Sequence[int],
+    def __init__(self, protocol: str, model_name: str, input_shape: Sequence[int],
                  output_shape: Sequence[int]) -> None:
         self.protocol = protocol
-        self.prefix = f"tfe-helpers/{model_name}"
+        self.prefix = _prefix(model_name, protocol)
         self.input_shape = tuple(int(d) for d in input_shape)
         self.output_shape = tuple(int(d) for d in output_shape)
-        self.devices = (device_of(protocol, 0), device_of(protocol, 1))
+        self.devices = tuple(device_of(party) for party in range(parties_of(protocol)))
         public = self.devices[0]
         self.tickets = SharedQueue(public, f"{self.prefix}/tickets", tf.string, [], TICKET_CAPACITY)
         self.acks = SharedQueue(public, f"{self.prefix}/acks", tf.string, [], TICKET_CAPACITY)
         self.ready = SharedQueue(public, f"{self.prefix}/ready", tf.string, [], 1)
         # autograph=False: plain graph code, nothing to convert.
-        self._count = tf.function(self._count_graph, autograph=False)
-        self._count_pair = tf.function(self._count_pair_graph, autograph=False)
+        self._count_all = tf.function(self._count_all_graph, autograph=False)
         self._take_one = tf.function(self._take_one_graph, autograph=False)
         self._take_all = tf.function(self._take_all_graph, autograph=False)
         self._send = tf.function(self._send_graph, autograph=False)
@@ -112,19 +116,13 @@ class Channel:
 
     # -- traced bodies: each runs as one call across the workers -------------
 
-    def _count_graph(self, handle):
-        with tf.device(self.devices[0]):
-            count = gen_data_flow_ops.queue_size_v2(handle)
+    def _count_all_graph(self, handles, devices):
+        counts = []
+        for handle, device in zip(handles, devices):
+            with tf.device(device):
+                counts.append(gen_data_flow_ops.queue_size_v2(handle))
         with tf.device(local_device()):
-            return tf.identity(count)
-
-    def _count_pair_graph(self, handle0, handle1):
-        with tf.device(self.devices[0]):
-            count0 = gen_data_flow_ops.queue_size_v2(handle0)
-        with tf.device(self.devices[1]):
-            count1 = gen_data_flow_ops.queue_size_v2(handle1)
-        with tf.device(local_device()):
-            return tf.minimum(count0, count1)
+            return tf.reduce_min(tf.stack(counts))
 
     def _take_one_graph(self, handle):
         with tf.device(self.devices[0]):
@@ -144,24 +142,25 @@ class Channel:
         with tf.device(local_device()):
             return tf.size(taken)
 
-    def _send_graph(self, in0, in1, tickets, share0, share1, client_id):
-        with tf.device(self.devices[0]):
-            sent0 = gen_data_flow_ops.queue_enqueue_v2(in0, [share0])
-        with tf.device(self.devices[1]):
-            sent1 = gen_data_flow_ops.queue_enqueue_v2(in1, [share1])
-        # The ticket goes last, once both shares are in their queues: the
-        # server must find both shares of every ticket it takes.
-        with tf.control_dependencies([sent0, sent1]), tf.device(self.devices[0]):
+    def _send_graph(self, inputs, tickets, shares, client_id):
+        sent = []
+        for handle, share, device in zip(inputs, shares, self.devices):
+            with tf.device(device):
+                sent.append(gen_data_flow_ops.queue_enqueue_v2(handle, [share]))
+        # The ticket goes last, once every share is in its queue: the server
+        # must find all shares of every ticket it takes.
+        with tf.control_dependencies(sent), tf.device(self.devices[0]):
             gen_data_flow_ops.queue_enqueue_v2(tickets, [client_id])
 
-    def _receive_graph(self, out0, out1, acks, client_id):
-        with tf.device(self.devices[0]):
-            share0 = gen_data_flow_ops.queue_dequeue_v2(out0, component_types=[tf.int64])[0]
-        with tf.device(self.devices[1]):
-            share1 = gen_data_flow_ops.queue_dequeue_v2(out1, component_types=[tf.int64])[0]
+    def _receive_graph(self, outputs, acks, client_id):
+        shares = []
+        for handle, device in zip(outputs, self.devices):
+            with tf.device(device):
+                shares.append(gen_data_flow_ops.queue_dequeue_v2(handle,
+                                                                 component_types=[tf.int64])[0])
         with tf.device(local_device()):
-            # The two shares meet only here, on this process's own device.
-            combined = tf.add(share0, share1)  # int64 addition wraps: mod 2**64
+            # The shares meet only here, on this process's own device.
+            combined = tf.add_n(shares)  # int64 addition wraps: mod 2**64
         with tf.control_dependencies([combined]), tf.device(self.devices[0]):
             gen_data_flow_ops.queue_enqueue_v2(acks, [client_id])
         return combined
@@ -170,11 +169,12 @@ class Channel:
 
     def waiting(self, queue: SharedQueue) -> int:
         """How many elements wait in a public queue (tickets, acks or ready)."""
-        return int(self._count(queue.handle).numpy())
+        return int(self._count_all([queue.handle], [queue.device]).numpy())
 
-    def both_waiting(self, queue0: SharedQueue, queue1: SharedQueue) -> bool:
-        """True when both share queues of a pair hold at least one element."""
-        return int(self._count_pair(queue0.handle, queue1.handle).numpy()) > 0
+    def all_waiting(self, queues: Sequence[SharedQueue]) -> bool:
+        """True when every share queue of a request (or answer) holds an element."""
+        handles = [queue.handle for queue in queues]
+        return int(self._count_all(handles, [queue.device for queue in queues]).numpy()) > 0
 
     def take_ticket(self) -> Optional[str]:
         """The oldest ticket's client id, or None when no ticket waits."""
@@ -185,24 +185,23 @@ class Channel:
         """Take every waiting acknowledgement; return how many there were."""
         return int(self._take_all(self.acks.handle).numpy())
 
-    def send_request(self, inputs: Tuple[SharedQueue, SharedQueue], share0: np.ndarray,
-                     share1: np.ndarray, client_id: str) -> None:
+    def send_request(self, inputs: Sequence[SharedQueue], shares: Sequence[np.ndarray],
+                     client_id: str) -> None:
         """Put one input share on each worker, then the client's ticket."""
-        self._send(inputs[0].handle, inputs[1].handle, self.tickets.handle,
-                   tf.constant(share0), tf.constant(share1), tf.constant(client_id))
+        self._send([queue.handle for queue in inputs], self.tickets.handle,
+                   [tf.constant(share) for share in shares], tf.constant(client_id))
 
-    def receive_answer(self, outputs: Tuple[SharedQueue, SharedQueue],
-                       client_id: str) -> tf.Tensor:
-        """Take both answer shares, add them on this process's device, acknowledge.
+    def receive_answer(self, outputs: Sequence[SharedQueue], client_id: str) -> tf.Tensor:
+        """Take every answer share, add them on this process's device, acknowledge.
 
-        Call only once `both_waiting(*outputs)` is true: a dequeue on an empty
+        Call only once `all_waiting(outputs)` is true: a dequeue on an empty
         queue would wait forever. Returns the combined (still encoded) answer.
         """
-        return self._receive(outputs[0].handle, outputs[1].handle, self.acks.handle,
+        return self._receive([queue.handle for queue in outputs], self.acks.handle,
                              tf.constant(client_id))
 
     def _share_queues(self, kind: str, client_id: str,
-                      shape: Tuple[int, ...]) -> Tuple[SharedQueue, SharedQueue]:
+                      shape: Tuple[int, ...]) -> Tuple[SharedQueue, ...]:
         queues = []
         for party, device in enumerate(self.devices):
             try:
@@ -210,15 +209,38 @@ class Channel:
                                           tf.int64, shape, SHARE_CAPACITY))
             except tf.errors.InvalidArgumentError as exc:
                 raise _shape_error(exc, "input" if kind == "in" else "output") from None
-        return queues[0], queues[1]
+        return tuple(queues)
 
-    def inputs(self, client_id: str) -> Tuple[SharedQueue, SharedQueue]:
-        """The two share queues (worker 0, worker 1) for one client's inputs."""
+    def inputs(self, client_id: str) -> Tuple[SharedQueue, ...]:
+        """One client's input share queues, one per share-holding worker."""
         return self._share_queues("in", client_id, self.input_shape)
 
-    def outputs(self, client_id: str) -> Tuple[SharedQueue, SharedQueue]:
-        """The two share queues (worker 0, worker 1) for one client's answers."""
+    def outputs(self, client_id: str) -> Tuple[SharedQueue, ...]:
+        """One client's answer share queues, one per share-holding worker."""
         return self._share_queues("out", client_id, self.output_shape)
+
+
+def _prefix(model_name: str, protocol: str) -> str:
+    return f"tfe-helpers/{model_name}/{protocol}"
+
+
+_count_each = None
+
+
+def served_protocols(model_name: str) -> List[str]:
+    """The protocols under which a model of this name is being served now."""
+    global _count_each
+    if _count_each is None:
+        def count_each(handles):
+            with tf.device(device_of(0)):
+                counts = [gen_data_flow_ops.queue_size_v2(handle) for handle in handles]
+            with tf.device(local_device()):
+                return tf.stack(counts)
+        _count_each = tf.function(count_each, autograph=False)
+    ready = [SharedQueue(device_of(0), f"{_prefix(model_name, protocol)}/ready", tf.string, [], 1)
+             for protocol in PROTOCOLS]
+    counts = _count_each([queue.handle for queue in ready]).numpy()
+    return [protocol for protocol, count in zip(PROTOCOLS, counts) if count > 0]
 
 
 class Backoff:

@@ -83,7 +83,8 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     cluster = TFECluster.load(args.config, timeout=args.timeout, verbose=not args.quiet)
     model = seed_cnn(batch_size=args.batch)
     model.load_weights(args.weights)
-    shared = share(model, cluster, name=args.name, timeout=args.timeout, verbose=not args.quiet)
+    shared = share(model, cluster, name=args.name, timeout=args.timeout, verbose=not args.quiet,
+                   protocol=args.protocol)
     try:
         served = shared.serve(num_requests=args.requests, timeout=args.timeout)
     finally:
@@ -119,6 +120,7 @@ def _cmd_query(args: argparse.Namespace) -> int:
         logits = client.query_model(x[i:i + 1], timeout=args.timeout)[0]
         row = {"index": start + i, "label": int(labels[i]), "predicted": int(logits.argmax()),
                "logits": logits.tolist(), "opened_on": client._client.last_open_device,
+               "protocol": client._client.protocol_name,
                "seconds": round(time.perf_counter() - began, 4)}
         if plain is not None:
             row["plaintext"] = plain[i].tolist()
@@ -165,6 +167,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--requests", type=int, default=None, help="how many (default: until killed)")
     p.add_argument("--batch", type=int, default=1, help="batch size of one request")
     p.add_argument("--name", default="model", help="name clients use to find this model")
+    p.add_argument("--protocol", choices=("securenn", "aby3"), default="securenn",
+                   help="MPC protocol (clients follow whichever is served)")
     p.add_argument("--quiet", action="store_true", help="print only a summary line at the end")
     p.add_argument("--timeout", type=float, default=300.0)
     p.set_defaults(func=_cmd_serve)

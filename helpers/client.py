@@ -1,10 +1,11 @@
 """The private-prediction client: share an input, send shares, open the answer here.
 
-The input is encoded as fixed-point numbers in the 64-bit ring that SecureNN
-uses, split into two additive shares with the operating system's secure
-random generator, and each share goes to one worker. The answer comes back
-as two shares that are added together on this process's own device (see
-`Channel.receive_answer`), so no worker ever holds an opened input or result.
+The input is encoded as fixed-point numbers in the 64-bit ring that both
+protocols use, split into additive shares with the operating system's secure
+random generator (two for SecureNN, three for ABY3), and each share goes to
+one worker. The answer comes back as shares that are added together on this
+process's own device (see `Channel.receive_answer`), so no worker ever holds
+an opened input or result.
 """
 from __future__ import annotations
 
@@ -12,14 +13,14 @@ import os
 import threading
 import time
 import uuid
-from typing import Sequence, Tuple
+from typing import List, Sequence
 
 import numpy as np
 import tensorflow as tf
 
 from . import channel as ch
 from . import mpc
-from .errors import NotConnectedError, StepTimeoutError
+from .errors import ClusterError, NotConnectedError, StepTimeoutError
 from .validation import check_input
 
 _HEALTH_EVERY = 0.5   # seconds between worker checks while waiting
@@ -27,18 +28,27 @@ _MAX_FIRST_LOOK = 0.5  # never wait longer than this before the first look
 _POLL_MAX = 0.004      # longest pause between looks for an answer
 
 
-def secret_share(encoded: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
-    """Split int64 ring elements into two additive shares (mod 2**64).
+def encode(x: np.ndarray, scaling_factor: float) -> np.ndarray:
+    """Real values -> fixed-point ring elements (int64), rounded to nearest."""
+    return np.rint(np.asarray(x, dtype=np.float64) * scaling_factor).astype(np.int64)
 
-    share0 is uniformly random; share1 = encoded - share0 (numpy int64
-    arithmetic wraps around, which is exactly arithmetic mod 2**64). Either
-    share alone is uniformly distributed and says nothing about ``encoded``.
+
+def secret_share(encoded: np.ndarray, parties: int = 2) -> List[np.ndarray]:
+    """Split int64 ring elements into ``parties`` additive shares (mod 2**64).
+
+    All shares but the last are uniformly random; the last is ``encoded``
+    minus their sum (numpy int64 arithmetic wraps around, which is exactly
+    arithmetic mod 2**64). Any ``parties - 1`` shares together are uniformly
+    distributed and say nothing about ``encoded``.
     """
+    if parties < 2:
+        raise ValueError(f"secret sharing needs at least 2 parties, got {parties}")
     encoded = np.asarray(encoded, dtype=np.int64)
-    share0 = np.frombuffer(os.urandom(encoded.size * 8), dtype=np.int64).reshape(encoded.shape)
+    shares = [np.frombuffer(os.urandom(encoded.size * 8), dtype=np.int64).reshape(encoded.shape)
+              for _ in range(parties - 1)]
     with np.errstate(over="ignore"):
-        share1 = encoded - share0
-    return share0, share1
+        last = encoded - np.sum(shares, axis=0, dtype=np.int64)
+    return shares + [last]
 
 
 def decode(combined: tf.Tensor, scaling_factor: float) -> np.ndarray:
@@ -56,6 +66,7 @@ class PrivateClient:
         self.cluster = cluster
         self.model_name = model_name
         self.protocol = None
+        self.protocol_name = None
         self.channel = None
         self._lock = threading.Lock()  # one request in flight per client
         self._new_identity()
@@ -70,16 +81,32 @@ class PrivateClient:
         self._queues = None
 
     def connect(self, timeout: float) -> None:
-        """Connect and wait until the model is served (up to ``timeout`` s)."""
+        """Connect and wait until the model is served (up to ``timeout`` s).
+
+        Whichever protocol the model is served with, the client follows.
+        """
         deadline = time.monotonic() + timeout
-        self.protocol = mpc.connect(self.cluster, timeout, during="while connecting to the model")
-        self.channel = ch.Channel(self.protocol, self.model_name, self.input_shape,
-                                  self.output_shape)
-        self._scaling = float(self.protocol.fixedpoint_config.scaling_factor)
-        self._wait(lambda: self.channel.waiting(self.channel.ready) > 0, deadline,
-                   f"waiting for model '{self.model_name}' to be served",
+        during = "while connecting to the model"
+        mpc.connect(self.cluster, timeout, during=during)
+        served: List[str] = []
+
+        def is_served() -> bool:
+            served[:] = ch.served_protocols(self.model_name)
+            return bool(served)
+
+        self._wait(is_served, deadline, f"waiting for model '{self.model_name}' to be served",
                    hint="Run share(model, cluster).serve() in the serving process.",
                    progress=True)
+        if len(served) > 1:
+            raise ClusterError(f"model '{self.model_name}' is being served with "
+                               f"{' and '.join(served)} at once: share one of them under "
+                               "another name, and connect to that name")
+        self.protocol_name = served[0]
+        self.protocol = mpc.connect(self.cluster, timeout, during=during,
+                                    protocol=self.protocol_name)
+        self.channel = ch.Channel(self.protocol_name, self.model_name, self.input_shape,
+                                  self.output_shape)
+        self._scaling = float(self.protocol.fixedpoint_config.scaling_factor)
 
     def close(self) -> None:
         """Forget the connection (the workers keep running)."""
@@ -123,12 +150,12 @@ class PrivateClient:
                 self._queues = (self.channel.inputs(self.client_id),
                                 self.channel.outputs(self.client_id))
             inputs, outputs = self._queues
-            share0, share1 = secret_share(self.protocol._encode(x, apply_scaling=True))
+            shares = secret_share(encode(x, self._scaling), parties=len(inputs))
             try:
-                self.channel.send_request(inputs, share0, share1, self.client_id)
+                self.channel.send_request(inputs, shares, self.client_id)
                 sent = time.monotonic()
                 ch.trace(f"client {self.client_id}: shares and ticket sent")
-                self._wait(lambda: self.channel.both_waiting(*outputs), deadline,
+                self._wait(lambda: self.channel.all_waiting(outputs), deadline,
                            "waiting for the private prediction",
                            hint="Is serve() running, with requests left to answer?",
                            first_look=min(0.85 * self._last_wait, _MAX_FIRST_LOOK))

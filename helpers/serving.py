@@ -9,10 +9,11 @@ import numpy as np
 import tensorflow as tf
 import tf_encrypted as tfe
 from tensorflow.python.ops import gen_data_flow_ops
+from tf_encrypted.protocol.aby3.aby3 import ABY3PrivateTensor, ShareType
 from tf_encrypted.protocol.pond import PondPrivateTensor
 
 from . import channel as ch
-from . import mpc
+from . import compat, mpc
 from .errors import ServingStoppedError, StepTimeoutError
 
 SUPPORTED_LAYERS = {"Conv2D", "AveragePooling2D", "ReLU", "Activation", "Flatten", "Dense",
@@ -25,6 +26,7 @@ _ACK_BATCH = 32         # collect client acknowledgements in batches of this siz
 _ACK_WAIT = 30.0        # how long the last answers may take to reach their clients
 _CACHED_CLIENTS = 64    # queue handles kept for the most recent clients
 _SHARE_WAIT = 10.0      # how long a ticket's input shares may take to show up
+_PROTOCOL_TITLES = {"securenn": "SecureNN", "aby3": "ABY3"}
 
 
 def _check_model(model: tf.keras.Model) -> None:
@@ -52,10 +54,15 @@ class SharedModel:
     """
 
     def __init__(self, model: tf.keras.Sequential, cluster, name: str = "model",
-                 timeout: float = 120.0, verbose: bool = True) -> None:
+                 timeout: float = 120.0, verbose: bool = True,
+                 protocol: str = "securenn") -> None:
+        if protocol not in mpc.PROTOCOLS:
+            raise ValueError(f"protocol must be one of {', '.join(mpc.PROTOCOLS)}, "
+                             f"got {protocol!r}")
         _check_model(model)
         self.cluster = cluster
         self.name = name
+        self.protocol_name = protocol
         self.verbose = verbose
         self.input_shape = tuple(model.input_shape)
         self.output_shape = tuple(model.output_shape)
@@ -63,8 +70,9 @@ class SharedModel:
         self.served = 0
         self._client_queues: dict = {}
         start = time.monotonic()
-        self.protocol = mpc.connect(cluster, timeout, during="while sharing the model")
-        self.channel = ch.Channel(self.protocol, name, self.input_shape, self.output_shape)
+        self.protocol = mpc.connect(cluster, timeout, during="while sharing the model",
+                                    protocol=protocol)
+        self.channel = ch.Channel(protocol, name, self.input_shape, self.output_shape)
         # clone_model shares every weight: blocks if a worker is unreachable.
         self._tfe_model = mpc.call_with_timeout(lambda: tfe.keras.models.clone_model(model),
                                                 timeout, "sharing the model weights")
@@ -75,39 +83,60 @@ class SharedModel:
         mpc.call_with_timeout(self._warm_up, timeout, "preparing the private computation")
         self.share_seconds = time.monotonic() - start
         if verbose:
-            print(f"Model shared across 3 workers in {self.share_seconds:.1f} s "
-                  f"(input {self.input_shape}, output {self.output_shape}).")
+            print(f"Model shared across 3 workers with {_PROTOCOL_TITLES[protocol]} in "
+                  f"{self.share_seconds:.1f} s (input {self.input_shape}, "
+                  f"output {self.output_shape}).")
 
-    def _forward(self, share0: tf.Tensor, share1: tf.Tensor):
-        """Run the shared model on a secret-shared input; returns output shares."""
+    def _forward(self, shares):
+        """Run the shared model on a secret-shared input; returns output shares.
+
+        Each input share is already on the worker that holds it (it was
+        dequeued there); so is each output share.
+        """
+        if self.protocol_name == "aby3":
+            return self._forward_aby3(shares)
         factory = self.protocol.tensor_factory
-        # Inside a tf.function the inputs carry no device; pin each share to
-        # its worker (TF Encrypted asserts on the device of every share).
-        with tf.device(mpc.device_of(self.protocol, 0)):
-            x0 = factory.tensor(tf.identity(share0), encode=False)
-        with tf.device(mpc.device_of(self.protocol, 1)):
-            x1 = factory.tensor(tf.identity(share1), encode=False)
+        x0, x1 = (factory.tensor(share, encode=False) for share in shares)
         y = self._tfe_model(PondPrivateTensor(self.protocol, x0, x1, True))
-        y0, y1 = y.unwrapped
-        return y0.value, y1.value
+        return [share.value for share in y.unwrapped]
 
-    def _answer_graph(self, in0, in1, out0, out1) -> None:
+    def _forward_aby3(self, shares):
+        # ABY3 replicates: worker i holds shares i and i+1 of three, so each
+        # worker also receives its neighbour's share (never a third one).
+        prot = self.protocol
+        factory = prot.default_factory
+        with compat.fresh_aby3_randomness(prot):
+            pairs = []
+            for party in range(3):
+                with tf.device(self.channel.devices[party]):
+                    pairs.append([factory.tensor(shares[party]),
+                                  factory.tensor(tf.identity(shares[(party + 1) % 3]))])
+            y = self._tfe_model(ABY3PrivateTensor(prot, pairs, True, ShareType.ARITHMETIC))
+            # Add a fresh sharing of zero, so the three shares the client gets
+            # are uniformly random apart from their sum, the logits.
+            zero = prot._gen_zero_sharing(y.shape, factory=factory)
+            outputs = []
+            for party in range(3):
+                with tf.device(self.channel.devices[party]):
+                    outputs.append((y.shares[party][0] + zero[party]).value)
+        return outputs
+
+    def _answer_graph(self, inputs, outputs) -> None:
         """One request as one call: take the input shares, compute, queue the answer."""
+        tfe.set_protocol(self.protocol)  # the shared layers use the current protocol
         devices = self.channel.devices
-        with tf.device(devices[0]):
-            x0 = gen_data_flow_ops.queue_dequeue_v2(in0, component_types=[tf.int64])[0]
-        with tf.device(devices[1]):
-            x1 = gen_data_flow_ops.queue_dequeue_v2(in1, component_types=[tf.int64])[0]
-        for share in (x0, x1):
-            share.set_shape(self.input_shape)  # a dequeue does not know its shape
-        y0, y1 = self._forward(x0, x1)
-        with tf.device(devices[0]):
-            gen_data_flow_ops.queue_enqueue_v2(out0, [y0])
-        with tf.device(devices[1]):
-            gen_data_flow_ops.queue_enqueue_v2(out1, [y1])
+        shares = []
+        for handle, device in zip(inputs, devices):
+            with tf.device(device):
+                share = gen_data_flow_ops.queue_dequeue_v2(handle, component_types=[tf.int64])[0]
+                share.set_shape(self.input_shape)  # a dequeue does not know its shape
+                shares.append(share)
+        for handle, share, device in zip(outputs, self._forward(shares), devices):
+            with tf.device(device):
+                gen_data_flow_ops.queue_enqueue_v2(handle, [share])
 
     def _answer(self, inputs, outputs) -> None:
-        self._step(inputs[0].handle, inputs[1].handle, outputs[0].handle, outputs[1].handle)
+        self._step([queue.handle for queue in inputs], [queue.handle for queue in outputs])
 
     def _warm_up(self) -> None:
         """Answer one all-zero request from a private pair of queues."""
@@ -199,14 +228,14 @@ class SharedModel:
         return answered
 
     def _shares_arrive(self, inputs) -> bool:
-        """Check (waiting a bounded time) that both input shares of a ticket are queued.
+        """Check (waiting a bounded time) that all input shares of a ticket are queued.
 
-        Clients queue both shares before their ticket, so this is a single
+        Clients queue their shares before their ticket, so this is a single
         look unless a client misbehaves.
         """
         deadline = time.monotonic() + _SHARE_WAIT
         backoff = ch.Backoff()
-        while not self.channel.both_waiting(*inputs):
+        while not self.channel.all_waiting(inputs):
             if time.monotonic() >= deadline:
                 return False
             backoff.pause()
@@ -258,10 +287,14 @@ class SharedModel:
 
 
 def share(model: tf.keras.Sequential, cluster, name: str = "model", timeout: float = 120.0,
-          verbose: bool = True) -> SharedModel:
-    """Secret-share a Keras model across ``cluster`` with SecureNN; return a `SharedModel`.
+          verbose: bool = True, protocol: str = "securenn") -> SharedModel:
+    """Secret-share a Keras model across ``cluster``; return a `SharedModel`.
 
     ``model`` must be a ``tf.keras.Sequential`` of Conv2D, AveragePooling2D,
     ReLU/Activation, Flatten and Dense layers with a fixed batch size.
+    ``protocol`` is "securenn" (two workers hold shares, the third helps) or
+    "aby3" (all three hold two of three shares; faster on large batches).
+    Clients find out which one is served by themselves.
     """
-    return SharedModel(model, cluster, name=name, timeout=timeout, verbose=verbose)
+    return SharedModel(model, cluster, name=name, timeout=timeout, verbose=verbose,
+                       protocol=protocol)

@@ -32,7 +32,8 @@ def _rows(out):
     return [json.loads(line) for line in out.splitlines() if line.startswith("{")]
 
 
-def test_private_predictions_match_plaintext_across_processes(tmp_path, seed_weights):
+@pytest.mark.parametrize("protocol", ["securenn", "aby3"])
+def test_private_predictions_match_plaintext_across_processes(tmp_path, seed_weights, protocol):
     config = tmp_path / "cluster.json"
     with TFECluster(TFEWorker(), TFEWorker(), TFEWorker()) as cluster:
         cluster.save(config)
@@ -41,7 +42,7 @@ def test_private_predictions_match_plaintext_across_processes(tmp_path, seed_wei
                         "--json", "--timeout", 300)
         time.sleep(2)
         server = spawn_helpers("serve", "--config", config, "--weights", seed_weights,
-                        "--requests", 4, "--timeout", 300)
+                        "--requests", 4, "--timeout", 300, "--protocol", protocol)
         rows = _rows(_finish(client))
         served = _finish(server)
         pids = list(cluster.pids().values())
@@ -53,6 +54,7 @@ def test_private_predictions_match_plaintext_across_processes(tmp_path, seed_wei
         # The answer was opened on the client process's own device (job
         # "localhost"), never on a worker (job "tfe").
         assert row["opened_on"] == "/job:localhost/replica:0/task:0/device:CPU:0", row
+        assert row["protocol"] == protocol  # the client followed the server's protocol
     assert served.count("answered in") == 4
     assert not set(pids) & set(our_worker_pids())
 

@@ -2,15 +2,41 @@
 import numpy as np
 import tensorflow as tf
 
-from helpers.client import decode, secret_share
+import pytest
+
+from helpers.client import decode, encode, secret_share
 from helpers.mpc import local_device
 
 
-def test_shares_add_back_to_the_secret_mod_2_64():
+@pytest.mark.parametrize("parties", [2, 3])
+def test_shares_add_back_to_the_secret_mod_2_64(parties):
     secret = np.array([[0, 1, -1, 2**62, -(2**63)]], dtype=np.int64)
-    share0, share1 = secret_share(secret)
+    shares = secret_share(secret, parties=parties)
+    assert len(shares) == parties
     with np.errstate(over="ignore"):
-        assert np.array_equal(share0 + share1, secret)
+        assert np.array_equal(np.sum(shares, axis=0, dtype=np.int64), secret)
+
+
+def test_any_two_of_three_shares_look_random():
+    # ABY3: each worker holds two of the three shares, so no pair may reveal the secret.
+    secret = np.full(4096, 6561, dtype=np.int64)
+    shares = secret_share(secret, parties=3)
+    for i in range(3):
+        with np.errstate(over="ignore"):
+            pair_sum = shares[i] + shares[(i + 1) % 3]
+        assert 0.45 < np.mean(pair_sum < 0) < 0.55
+        assert not np.any(pair_sum == secret)
+
+
+def test_sharing_needs_two_parties_at_least():
+    with pytest.raises(ValueError, match="at least 2"):
+        secret_share(np.zeros(3, dtype=np.int64), parties=1)
+
+
+def test_encoding_rounds_to_the_nearest_ring_element():
+    assert encode(np.array([0.4, 0.6, -0.6, 1.0]), 10.0).tolist() == [4, 6, -6, 10]
+    assert encode(np.array([0.26]), 4.0).tolist() == [1]  # 1.04 -> 1, not truncated
+    assert encode(np.array([0.74]), 4.0).tolist() == [3]  # 2.96 -> 3, not 2
 
 
 def test_sharing_the_same_secret_twice_gives_fresh_shares():

@@ -31,7 +31,7 @@ SPY = textwrap.dedent("""
     client = PrivateClient((1, 28, 28, 1), (1, 10), cluster)
     protocol = mpc.connect(cluster, 60, during="in the spy test")
     client.protocol = protocol
-    client.channel = ch.Channel(protocol, "model", (1, 28, 28, 1), (1, 10))
+    client.channel = ch.Channel("securenn", "model", (1, 28, 28, 1), (1, 10))
     client._scaling = float(protocol.fixedpoint_config.scaling_factor)
     seen = []
     for _ in range(2):
@@ -40,7 +40,7 @@ SPY = textwrap.dedent("""
             client.query(image, timeout=2)     # nobody serves: the shares stay queued
         except StepTimeoutError:
             pass
-        queue0, _ = client.channel.inputs(sent_as)
+        queue0 = client.channel.inputs(sent_as)[0]
         seen.append(queue0.dequeue().numpy().ravel().tolist())  # worker 0's share
     pixels = np.rint(image.ravel() * client._scaling).astype(np.int64)
     print(json.dumps({"shares": seen, "encoded": pixels.tolist()}))
