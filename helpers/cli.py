@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import signal
 import sys
 import time
 from typing import List, Optional
@@ -26,8 +25,8 @@ def _cmd_start(args: argparse.Namespace) -> int:
     cluster = TFECluster(*workers).start(timeout=args.timeout)
     cluster.save(args.config)
     print(f"Cluster config written to {args.config}. Press Ctrl-C to stop the workers.")
-    # Stop cleanly on Ctrl-C or SIGTERM; the workers die with this command.
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+    # Ctrl-C lands below; SIGTERM exits with status 143 through the handler
+    # that start() installed. Either way `finally` stops the workers.
     try:
         while True:
             time.sleep(1.0)
@@ -95,33 +94,23 @@ def _cmd_serve(args: argparse.Namespace) -> int:
 
 
 def _cmd_query(args: argparse.Namespace) -> int:
-    import numpy as np
-
     from . import load_mnist
-    from .cluster import TFECluster, TFEWorker
-    from .models import as_model_input, seed_cnn
+    from .client import predict_each
+    from .cluster import TFECluster
+    from .models import as_model_input, plaintext_logits
 
     (_, _), (x_test, y_test) = load_mnist()
     start = args.first
     x = as_model_input(x_test[start:start + args.images])
     labels = y_test[start:start + args.images]
-    plain = None
-    if args.weights:
-        # Plaintext reference for comparison, computed before connecting
-        # (afterwards every new TensorFlow function would go to the workers).
-        model = seed_cnn(batch_size=1)
-        model.load_weights(args.weights)
-        plain = np.concatenate([model(x[i:i + 1]).numpy() for i in range(len(x))])
+    # Plaintext reference first: see `plaintext_logits`.
+    plain = plaintext_logits(args.weights, x) if args.weights else None
     cluster = TFECluster.load(args.config, timeout=args.timeout, verbose=not args.json)
-    client = TFEWorker()
-    client.connect_to_model((1, 28, 28, 1), (1, 10), cluster, timeout=args.timeout)
-    for i in range(len(x)):
-        began = time.perf_counter()
-        logits = client.query_model(x[i:i + 1], timeout=args.timeout)[0]
-        row = {"index": start + i, "label": int(labels[i]), "predicted": int(logits.argmax()),
-               "logits": logits.tolist(), "opened_on": client._client.last_open_device,
-               "protocol": client._client.protocol_name,
-               "seconds": round(time.perf_counter() - began, 4)}
+    for answer in predict_each(x, cluster, timeout=args.timeout):
+        i = answer.index
+        row = {"index": start + i, "label": int(labels[i]), "predicted": int(answer.logits.argmax()),
+               "logits": answer.logits.tolist(), "opened_on": answer.opened_on,
+               "protocol": answer.protocol, "seconds": round(answer.seconds, 4)}
         if plain is not None:
             row["plaintext"] = plain[i].tolist()
         if args.json:

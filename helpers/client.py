@@ -13,7 +13,8 @@ import os
 import threading
 import time
 import uuid
-from typing import List, Sequence
+from dataclasses import dataclass
+from typing import Iterator, List, Sequence
 
 import numpy as np
 import tensorflow as tf
@@ -171,3 +172,29 @@ class PrivateClient:
                 raise
             self.last_open_device = combined.device
             return result
+
+
+@dataclass
+class Answer:
+    """One private prediction, as `predict_each` returns it."""
+
+    index: int
+    logits: np.ndarray
+    seconds: float
+    opened_on: str
+    protocol: str
+
+
+def predict_each(x: np.ndarray, cluster, timeout: float = 300.0,
+                 output_shape: Sequence[int] = (1, 10)) -> Iterator[Answer]:
+    """Connect to the served model, then privately predict the images of ``x`` one by one."""
+    from .cluster import TFEWorker
+
+    worker = TFEWorker()
+    worker.connect_to_model((1, *x.shape[1:]), output_shape, cluster, timeout=timeout)
+    for i in range(len(x)):
+        began = time.perf_counter()
+        logits = worker.query_model(x[i:i + 1], timeout=timeout)[0]
+        client = worker._client
+        yield Answer(i, logits, time.perf_counter() - began, client.last_open_device,
+                     client.protocol_name)

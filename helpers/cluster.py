@@ -133,7 +133,7 @@ def _exit_on_sigterm() -> None:
 
 
 class TFECluster:
-    """Exactly three workers that run SecureNN together.
+    """Exactly three workers that run SecureNN or ABY3 together.
 
     Use it as a context manager, or call `start()` and `stop()` yourself.
     Clusters still running when Python exits are stopped by `atexit`.

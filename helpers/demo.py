@@ -18,7 +18,8 @@ import numpy as np
 def run_demo(images: int = 10, epochs: int = 3) -> int:
     """Train, start workers, serve from a child process, query privately here."""
     from . import TFECluster, TFEWorker, load_mnist
-    from .models import as_model_input, seed_cnn, train_seed_cnn
+    from .client import predict_each
+    from .models import as_model_input, plaintext_logits, train_seed_cnn
 
     started = time.monotonic()
     (x_train, y_train), (x_test, y_test) = load_mnist()
@@ -33,10 +34,7 @@ def run_demo(images: int = 10, epochs: int = 3) -> int:
         weights = Path(tmp) / "weights.h5"
         config = Path(tmp) / "cluster.json"
         model.save_weights(weights)
-        # Plaintext reference, computed before this process connects to workers.
-        fixed = seed_cnn(batch_size=1)
-        fixed.load_weights(weights)
-        plain = np.concatenate([fixed(x[i:i + 1]).numpy() for i in range(images)])
+        plain = plaintext_logits(weights, x)  # before connecting: see its docstring
 
         print("2/4 Starting three workers")
         workers = [TFEWorker(name=n) for n in ("alice", "bob", "carol")]
@@ -49,16 +47,13 @@ def run_demo(images: int = 10, epochs: int = 3) -> int:
                 cwd=Path(__file__).resolve().parent.parent)
             try:
                 print("4/4 Client: querying privately", flush=True)
-                client = TFEWorker()
-                client.connect_to_model((1, 28, 28, 1), (1, 10), cluster, timeout=300)
                 agree = correct = 0
                 worst = 0.0
-                for i in range(images):
-                    logits = client.query_model(x[i:i + 1], timeout=120)
-                    predicted = int(logits.argmax())
+                for answer in predict_each(x, cluster, timeout=300):
+                    i, predicted = answer.index, int(answer.logits.argmax())
                     agree += predicted == int(plain[i].argmax())
                     correct += predicted == int(labels[i])
-                    worst = max(worst, float(np.abs(logits - plain[i]).max()))
+                    worst = max(worst, float(np.abs(answer.logits - plain[i]).max()))
                     verdict = "correct" if predicted == labels[i] else "wrong"
                     print(f"    image {i}: true {labels[i]}, private prediction {predicted} "
                           f"({verdict})", flush=True)

@@ -1,10 +1,11 @@
 """Benchmark: private prediction against plaintext Keras, in one run.
 
-    bash run.sh bench            # full run (about 10 minutes on 2 cores)
+    bash run.sh bench            # full run (about 30 minutes on 2 cores)
     bash run.sh bench --quick    # smoke run: fewer queries, 1,000 images for agreement
 
 Measures, on this machine, with three workers, a serving process and this
-process as the client, all on loopback:
+process as the client, all on loopback, for the helpers' serving with
+SecureNN and with ABY3 side by side:
   * cluster start (from start() until all three workers answer);
   * model sharing time (reported by the serving process);
   * time from start() to the first answered private query;
@@ -12,9 +13,9 @@ process as the client, all on loopback:
   * throughput in images/s at batch sizes 1, 10 and 100, private and plaintext;
   * agreement of private and plaintext argmax over the MNIST test set, and
     the largest logit difference.
-With the same cluster, weights and batch sizes it also measures TF
-Encrypted's stock serving queues (scripts/stock_serving.py), the path the
-helpers replace, so the comparison is made on one machine in one run.
+With the same weights and batch sizes, on three fresh workers, it also
+measures TF Encrypted's stock serving queues (scripts/stock_serving.py), the
+path the helpers replace, so the comparison is made on one machine in one run.
 Prints a markdown table and writes it, with a plot, to bench-results/.
 """
 from __future__ import annotations
@@ -23,6 +24,7 @@ import argparse
 import json
 import os
 import platform
+import select
 import subprocess
 import sys
 import tempfile
@@ -39,6 +41,7 @@ import helpers  # noqa: E402
 from helpers.models import as_model_input, seed_cnn, train_seed_cnn  # noqa: E402
 
 BATCHES = (1, 10, 100)
+PROTOCOLS = ("securenn", "aby3")
 
 
 def plaintext_figures(weights: Path, x: np.ndarray, queries: int) -> dict:
@@ -66,12 +69,80 @@ def plaintext_logits(weights: Path, x: np.ndarray) -> np.ndarray:
     return np.concatenate([model(x[i:i + 100]).numpy() for i in range(0, len(x), 100)])
 
 
-def serve(config: Path, weights: Path, batch: int, requests: int) -> subprocess.Popen:
+def serve(config: Path, weights: Path, batch: int, requests: int, protocol: str) -> subprocess.Popen:
     return subprocess.Popen(
         [sys.executable, "-m", "helpers", "serve", "--config", str(config), "--weights",
          str(weights), "--batch", str(batch), "--requests", str(requests), "--timeout", "1800",
-         "--name", f"bench-{batch}", "--quiet"],
+         "--name", f"bench-{protocol}-{batch}", "--protocol", protocol, "--quiet"],
         cwd=ROOT, stdout=subprocess.PIPE, text=True)
+
+
+def private_figures(protocol: str, cluster, config: Path, weights: Path, x_all: np.ndarray,
+                    queries: int, agreement_images: int, t0: float) -> dict:
+    """Latency, throughput and agreement logits of the helpers' serving with one protocol."""
+    result: dict = {"batches": {}, "sharing_s": []}
+    servers = []
+    try:
+        for batch in BATCHES:
+            n = max(5, queries // batch)
+            extra = agreement_images // batch if batch == max(BATCHES) else 0
+            server = serve(config, weights, batch, n + 1 + extra, protocol)
+            servers.append(server)
+            client = helpers.TFEWorker()
+            client.connect_to_model((batch, 28, 28, 1), (batch, 10), cluster,
+                                    timeout=600, model_name=f"bench-{protocol}-{batch}")
+            started = time.perf_counter()
+            client.query_model(x_all[:batch], timeout=600)  # first query
+            if "first_query_s" not in result:
+                result["first_query_s"] = time.perf_counter() - t0
+                result["first_latency_s"] = time.perf_counter() - started
+            times = []
+            for i in range(n):
+                sample = x_all[(i * batch) % 9000:(i * batch) % 9000 + batch]
+                start = time.perf_counter()
+                client.query_model(sample, timeout=600)
+                times.append(time.perf_counter() - start)
+            figures = {"median": float(np.median(times)), "p95": float(np.percentile(times, 95)),
+                       "images_per_s": batch / float(np.median(times))}
+            result["batches"][batch] = figures
+            print(f"{protocol} batch {batch:>3}: median {figures['median'] * 1000:.0f} ms, "
+                  f"{figures['images_per_s']:.0f} images/s", flush=True)
+            if extra:
+                print(f"{protocol}: agreement over {agreement_images} test images ...", flush=True)
+                result["logits"] = np.concatenate([
+                    client.query_model(x_all[i:i + batch], timeout=600)
+                    for i in range(0, agreement_images, batch)])
+            server.wait(timeout=600)
+            result["sharing_s"] += [float(word.split("=")[1]) for word in server.stdout.read().split()
+                                    if word.startswith("shared_s=")]
+    finally:
+        for server in servers:
+            if server.poll() is None:
+                server.terminate()
+                server.wait(timeout=30)
+    return result
+
+
+STOCK_READY_WITHIN = 600.0
+
+
+def _wait_for_line(proc: subprocess.Popen, expected: str, timeout: float) -> None:
+    """Read ``proc``'s output until a line equals ``expected``; bounded by ``timeout`` s."""
+    deadline = time.monotonic() + timeout
+    fd = proc.stdout.fileno()
+    pending = b""
+    while time.monotonic() < deadline:
+        # Raw reads: a buffered readline() could hold the line select() waits for.
+        ready, _, _ = select.select([fd], [], [], max(0.0, deadline - time.monotonic()))
+        if not ready:
+            break
+        chunk = os.read(fd, 4096)
+        if not chunk:
+            raise RuntimeError(f"the stock server exited (status {proc.wait()}) before '{expected}'")
+        pending += chunk
+        if expected.encode() in (line.strip() for line in pending.split(b"\n")):
+            return
+    raise RuntimeError(f"the stock server did not print '{expected}' within {timeout:.0f} s")
 
 
 def stock_figures(config: Path, weights: Path, queries: int) -> dict:
@@ -86,9 +157,7 @@ def stock_figures(config: Path, weights: Path, queries: int) -> dict:
         try:
             # Connect the client only once the model is shared: a client that
             # connects while the stock server is still sharing can hang both.
-            for line in server.stdout:
-                if line.strip() == "ready":
-                    break
+            _wait_for_line(server, "ready", STOCK_READY_WITHIN)
             client = subprocess.run([sys.executable, script, "client", str(config), str(batch),
                                      str(n + 1)], cwd=ROOT, capture_output=True, text=True,
                                     timeout=1800)
@@ -138,97 +207,81 @@ def main() -> int:
         with cluster:
             cluster_start = time.perf_counter() - t0
             cluster.save(config)
-            private, logits, servers = {}, None, []
-            first_query = None
-            try:
-                for batch in BATCHES:
-                    n = max(5, latency_queries // batch)
-                    extra = agreement_images // batch if batch == max(BATCHES) else 0
-                    server = serve(config, weights, batch, n + 1 + extra)
-                    servers.append(server)
-                    client = helpers.TFEWorker()
-                    client.connect_to_model((batch, 28, 28, 1), (batch, 10), cluster,
-                                            timeout=600, model_name=f"bench-{batch}")
-                    started = time.perf_counter()
-                    client.query_model(x_all[:batch], timeout=600)  # first query
-                    if first_query is None:
-                        first_query = time.perf_counter() - t0
-                        first_latency = time.perf_counter() - started
-                    times = []
-                    for i in range(n):
-                        sample = x_all[(i * batch) % 9000:(i * batch) % 9000 + batch]
-                        start = time.perf_counter()
-                        client.query_model(sample, timeout=600)
-                        times.append(time.perf_counter() - start)
-                    private[batch] = {"median": float(np.median(times)),
-                                      "p95": float(np.percentile(times, 95)),
-                                      "images_per_s": batch / float(np.median(times))}
-                    print(f"batch {batch:>3}: median {private[batch]['median'] * 1000:.0f} ms, "
-                          f"{private[batch]['images_per_s']:.0f} images/s", flush=True)
-                    if extra:
-                        print(f"Agreement over {agreement_images} test images ...", flush=True)
-                        logits = np.concatenate([
-                            client.query_model(x_all[i:i + batch], timeout=600)
-                            for i in range(0, agreement_images, batch)])
-                    server.wait(timeout=600)
-            finally:
-                for server in servers:
-                    if server.poll() is None:
-                        server.terminate()
-                        server.wait(timeout=30)
-            print("TF Encrypted's stock serving queues, same cluster ...", flush=True)
+            private = {protocol: private_figures(protocol, cluster, config, weights, x_all,
+                                                 latency_queries, agreement_images, t0)
+                       for protocol in PROTOCOLS}
+        # Stock gets three fresh workers of its own, so it does not inherit
+        # the memory that the helpers' runs left on these (and once, after
+        # them, its sharing stalled for minutes on the used workers).
+        print("TF Encrypted's stock serving queues, fresh workers ...", flush=True)
+        workers = [helpers.TFEWorker(name=n) for n in ("alice", "bob", "carol")]
+        with helpers.TFECluster(*workers, verbose=False) as stock_cluster:
+            stock_cluster.save(config)
             stock = stock_figures(config, weights, latency_queries)
-            sharing = [line for s in servers for line in (s.stdout.read() if s.stdout else "").split()
-                       if line.startswith("shared_s=")]
 
-    agree = int(np.sum(logits.argmax(1) == plain_logits.argmax(1)))
-    worst = float(np.abs(logits - plain_logits).max())
-    share_s = [float(s.split("=")[1]) for s in sharing]
+    sn, a3 = private["securenn"], private["aby3"]
+    snb, a3b = sn["batches"], a3["batches"]
+
+    def best(batch: int, key: str, pick=min) -> float:
+        return pick(snb[batch][key], a3b[batch][key])
+
+    def ms(seconds: float, digits: int = 0) -> str:
+        return f"{seconds * 1000:.{digits}f} ms"
+
     rows = [
-        ("cluster start: start() until 3 workers answer", f"{cluster_start:.1f} s", "", ""),
+        ("cluster start: start() until 3 workers answer", f"{cluster_start:.1f} s", "", "", "", "",
+         ""),
         ("model sharing (incl. tracing), per served model",
-         f"{min(share_s):.1f} to {max(share_s):.1f} s" if share_s else "n/a", "", ""),
-        ("start() to first answered private query", f"{first_query:.1f} s", "", ""),
-        ("latency at batch 1, median", f"{private[1]['median'] * 1000:.0f} ms",
-         f"{plain[1]['median'] * 1000:.2f} ms", f"{private[1]['median'] / plain[1]['median']:.0f}x",
-         f"{stock[1]['median'] * 1000:.0f} ms", f"{stock[1]['median'] / private[1]['median']:.2f}x"),
-        ("latency at batch 1, p95", f"{private[1]['p95'] * 1000:.0f} ms",
-         f"{plain[1]['p95'] * 1000:.2f} ms", f"{private[1]['p95'] / plain[1]['p95']:.0f}x",
-         f"{stock[1]['p95'] * 1000:.0f} ms", f"{stock[1]['p95'] / private[1]['p95']:.2f}x"),
+         *(f"{min(r['sharing_s']):.1f} to {max(r['sharing_s']):.1f} s" for r in (sn, a3)),
+         "", "", "", ""),
+        ("start() to first answered private query (SecureNN goes first)",
+         f"{sn['first_query_s']:.1f} s", "", "", "", "", ""),
+        ("first query once the model is shared, batch 1", f"{sn['first_latency_s']:.2f} s",
+         f"{a3['first_latency_s']:.2f} s", "", "", f"{stock[1]['first_s']:.2f} s",
+         f"{stock[1]['first_s'] / min(sn['first_latency_s'], a3['first_latency_s']):.1f}x"),
     ]
-    rows.append(("first query once the model is shared, batch 1", f"{first_latency:.2f} s", "", "",
-                 f"{stock[1]['first_s']:.2f} s", f"{stock[1]['first_s'] / first_latency:.1f}x"))
+    for key, label in (("median", "median"), ("p95", "p95")):
+        rows.append((f"latency at batch 1, {label}", ms(snb[1][key]), ms(a3b[1][key]),
+                     ms(plain[1][key], 2), f"{best(1, key) / plain[1][key]:.0f}x",
+                     ms(stock[1][key]), f"{stock[1][key] / best(1, key):.2f}x"))
     for batch in BATCHES:
-        rows.append((f"throughput at batch {batch}", f"{private[batch]['images_per_s']:.0f} img/s",
+        top = best(batch, "images_per_s", max)
+        rows.append((f"throughput at batch {batch}", f"{snb[batch]['images_per_s']:.0f} img/s",
+                     f"{a3b[batch]['images_per_s']:.0f} img/s",
                      f"{plain[batch]['images_per_s']:.0f} img/s",
-                     f"{plain[batch]['images_per_s'] / private[batch]['images_per_s']:.0f}x slower",
+                     f"{plain[batch]['images_per_s'] / top:.0f}x slower",
                      f"{stock[batch]['images_per_s']:.0f} img/s",
-                     f"{private[batch]['images_per_s'] / stock[batch]['images_per_s']:.2f}x"))
-    rows.append((f"argmax agreement, {agreement_images:,} test images", f"{agree:,}/{agreement_images:,}",
+                     f"{top / stock[batch]['images_per_s']:.2f}x"))
+    agree = {p: int(np.sum(r["logits"].argmax(1) == plain_logits.argmax(1)))
+             for p, r in private.items()}
+    worst = {p: float(np.abs(r["logits"] - plain_logits).max()) for p, r in private.items()}
+    rows.append((f"argmax agreement, {agreement_images:,} test images",
+                 *(f"{agree[p]:,}/{agreement_images:,}" for p in PROTOCOLS), "", "", "", ""))
+    rows.append(("largest logit difference", *(f"{worst[p]:.1e}" for p in PROTOCOLS),
                  "", "", "", ""))
-    rows.append(("largest logit difference", f"{worst:.1e}", "", "", "", ""))
-    rows = [row + ("",) * (6 - len(row)) for row in rows]
     machine = f"{os.cpu_count()} cores, {platform.machine()}, Python {platform.python_version()}"
     table = [f"Machine: {machine}; plaintext test accuracy {accuracy:.4f}; "
              f"{time.strftime('%Y-%m-%d')}{' (quick run)' if args.quick else ''}", "",
-             "| figure | private (helpers, SecureNN) | plaintext Keras | private/plaintext "
-             "| stock tfe.serving | speed-up over stock |", "|---|---|---|---|---|---|"]
+             "| figure | helpers, SecureNN | helpers, ABY3 | plaintext Keras "
+             "| private (best) / plaintext | stock tfe.serving (SecureNN) "
+             "| best helpers vs stock |", "|---|---|---|---|---|---|---|"]
     table += ["| " + " | ".join(row) + " |" for row in rows]
     text = "\n".join(table)
     print("\n" + text)
     (out / "benchmark.md").write_text(text + "\n")
-    plot(private, plain, stock, out / "benchmark.png")
+    plot({"private, helpers SecureNN": snb, "private, helpers ABY3": a3b,
+          "private, stock tfe.serving": {b: stock[b] for b in BATCHES},
+          "plaintext Keras": plain}, out / "benchmark.png")
     return 0
 
 
-def plot(private: dict, plain: dict, stock: dict, path: Path) -> None:
+def plot(series: dict, path: Path) -> None:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
-    for figures, label in ((private, "private (helpers)"), (stock, "private (stock tfe.serving)"),
-                           (plain, "plaintext Keras")):
+    for label, figures in series.items():
         left.plot(BATCHES, [figures[b]["median"] * 1000 for b in BATCHES], "o-", label=label)
         right.plot(BATCHES, [figures[b]["images_per_s"] for b in BATCHES], "o-", label=label)
     for axis, ylabel in ((left, "median latency per query (ms)"), (right, "images per second")):
