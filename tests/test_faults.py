@@ -83,3 +83,33 @@ def test_a_new_cluster_can_be_started_in_the_same_process(tmp_path, seed_weights
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = [line for line in proc.stdout.splitlines() if line.startswith("RESULT")]
     assert result and result[0].startswith("RESULT 2 ["), proc.stdout
+
+
+BOTH_PROTOCOLS = textwrap.dedent("""
+    import sys
+    import tensorflow as tf
+    from helpers import ClusterError, TFECluster, channel as ch, mpc
+    from helpers.client import PrivateClient
+
+    cluster = TFECluster.load(sys.argv[1], timeout=60, verbose=False)
+    mpc.connect(cluster, 60, during="in the test")
+    # Two serving processes, one per protocol, under the same model name.
+    for protocol in mpc.PROTOCOLS:
+        ch.Channel(protocol, "model", (1, 28, 28, 1), (1, 10)).ready.enqueue(tf.constant("serving"))
+    try:
+        PrivateClient((1, 28, 28, 1), (1, 10), cluster).connect(timeout=30)
+    except ClusterError as exc:
+        print("refused:", exc)
+""")
+
+
+def test_a_model_name_served_with_both_protocols_is_refused(tmp_path):
+    # The queues are separate per protocol, so nothing could cross; but the
+    # client cannot know which one was meant, and must say so.
+    config = tmp_path / "cluster.json"
+    with TFECluster(TFEWorker(), TFEWorker(), TFEWorker(), verbose=False) as cluster:
+        cluster.save(config)
+        proc = subprocess.run([sys.executable, "-c", BOTH_PROTOCOLS, str(config)], cwd=ROOT,
+                              capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "refused: model 'model' is being served with securenn and aby3" in proc.stdout
