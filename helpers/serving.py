@@ -150,16 +150,23 @@ class SharedModel:
             queue.dequeue().numpy()  # waits for the computation to finish
 
     def share_of(self, layer_index: int = 0, party: int = 0) -> np.ndarray:
-        """One worker's share of a layer's first weight, as that worker sees it.
+        """One share of a layer's first weight, as worker ``party`` holds it.
 
         For the tutorial: it looks like noise, the point of secret sharing.
+        With SecureNN, parties 0 and 1 hold one share each; the two add up
+        to the encoded weight. With ABY3 each of the three parties holds two
+        of three shares; this returns party i's first one, share i, and the
+        three add up to the encoded weight.
         """
+        if not 0 <= party < len(self.channel.devices):
+            raise ValueError(f"party must be 0 to {len(self.channel.devices) - 1} with "
+                             f"{_PROTOCOL_TITLES[self.protocol_name]}, got {party}")
         layer = self._tfe_model.layers[layer_index]
-        weight = layer.weights[0]
-        shares = weight.unwrapped
+        shares = layer.weights[0].unwrapped
+        share = shares[party][0] if self.protocol_name == "aby3" else shares[party]
         # read_value(): `.value` is a copy taken when the variable was created
         # (before set_weights), so it would show the initial weights' share.
-        return shares[party].read_value().value.numpy()
+        return share.read_value().value.numpy()
 
     def serve(self, num_requests: Optional[int] = None, timeout: Optional[float] = None) -> int:
         """Answer ``num_requests`` private requests (all, if None, until `stop()`).

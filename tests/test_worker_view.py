@@ -68,3 +68,40 @@ def test_a_worker_holds_fresh_random_shares_unrelated_to_the_image(tmp_path):
         # the zero pixels (most of an MNIST digit) are not recognisable.
         assert abs(np.corrcoef(share.astype(np.float64), encoded)[0, 1]) < 0.15
         assert not np.any(share[encoded == 0] == 0)
+
+
+WEIGHT_SHARES = textwrap.dedent("""
+    import json, sys
+    import numpy as np
+    import helpers
+    from helpers import TFECluster
+    from helpers.models import seed_cnn
+
+    cluster = TFECluster.load(sys.argv[1], timeout=60, verbose=False)
+    model = seed_cnn(batch_size=1)
+    kernel = model.layers[0].get_weights()[0]
+    shared = helpers.share(model, cluster, protocol=sys.argv[2], verbose=False)
+    shares = [shared.share_of(0, party) for party in range(len(shared.channel.devices))]
+    scale = shared.protocol.fixedpoint_config.scaling_factor
+    with np.errstate(over="ignore"):
+        opened = np.sum(shares, axis=0, dtype=np.int64) / scale
+    shared.stop()
+    print(json.dumps({"parties": len(shares), "error": float(np.abs(opened - kernel).max()),
+                      "share_max": float(max(np.abs(s.astype(np.float64)).max() for s in shares)),
+                      "kernel_max": float(np.abs(kernel).max())}))
+""")
+
+
+@pytest.mark.parametrize("protocol, parties", [("securenn", 2), ("aby3", 3)])
+def test_weight_shares_look_like_noise_and_add_up_to_the_weights(tmp_path, protocol, parties):
+    config = tmp_path / "cluster.json"
+    with TFECluster(TFEWorker(), TFEWorker(), TFEWorker(), verbose=False) as cluster:
+        cluster.save(config)
+        proc = subprocess.run([sys.executable, "-c", WEIGHT_SHARES, str(config), protocol],
+                              cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    seen = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert seen["parties"] == parties
+    assert seen["error"] < 1e-3              # together: the weights, up to fixed-point rounding
+    assert seen["share_max"] > 2**50         # alone: values spread over the 64-bit ring
+    assert seen["kernel_max"] < 1
