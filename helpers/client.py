@@ -13,6 +13,7 @@ import os
 import threading
 import time
 import uuid
+from collections import deque
 from dataclasses import dataclass
 from typing import Iterator, List, Sequence
 
@@ -27,6 +28,7 @@ from .validation import check_input
 _HEALTH_EVERY = 0.5   # seconds between worker checks while waiting
 _MAX_FIRST_LOOK = 0.5  # never wait longer than this before the first look
 _POLL_MAX = 0.004      # longest pause between looks for an answer
+_RECENT = 8            # answers remembered to time the first look
 
 
 def encode(x: np.ndarray, scaling_factor: float) -> np.ndarray:
@@ -72,7 +74,9 @@ class PrivateClient:
         self._lock = threading.Lock()  # one request in flight per client
         self._new_identity()
         self.last_open_device = None
-        self._last_wait = 0.0  # for the previous answer, to time the first poll
+        # How long recent answers took, to time the first look for the next.
+        self._recent_waits: deque = deque(maxlen=_RECENT)
+        self._first_look = 0.0
 
     def _new_identity(self) -> None:
         # A fresh id means fresh queues: an answer that arrives after we gave
@@ -114,19 +118,21 @@ class PrivateClient:
         self.channel = None
 
     def _wait(self, condition, deadline: float, step: str, hint: str = "",
-              progress: bool = False, first_look: float = 0.0) -> None:
+              progress: bool = False, first_look: float = 0.0) -> bool:
         """Poll ``condition`` until true; check the workers now and then; bounded.
 
         ``first_look`` seconds pass before the first poll: each poll is a round
         trip to a worker, so there is no point asking before an answer can be due.
+        Returns True if the very first look found ``condition`` true.
         """
         last_health = last_report = start = time.monotonic()
         time.sleep(max(0.0, min(first_look, deadline - start)))
         backoff = ch.Backoff(first=0.001, longest=0.1 if progress else _POLL_MAX)
+        first = True
         while True:
             try:
                 if condition():
-                    return
+                    return first
             except tf.errors.OpError as exc:
                 mpc.raise_for_op_error(self.cluster, exc, step)
             now = time.monotonic()
@@ -138,7 +144,24 @@ class PrivateClient:
             if progress and now - last_report >= 5.0:
                 print(f"  still {step} ... {now - start:.0f} s")
                 last_report = now
+            first = False
             backoff.pause(limit=deadline - now)
+
+    def _learn_first_look(self, waited: float, found_at_once: bool) -> None:
+        """Time the first look for the next answer from how this one went.
+
+        If the answer was already there at the first look, we looked too
+        late by an unknown amount: halve the pause. Otherwise ``waited`` is
+        the answer's real time (to within one poll), and the next first look
+        comes a little before the quickest of the recent ones: the private
+        computation's time varies from query to query (by about +-30% here),
+        so the last time alone would often make us look late.
+        """
+        if found_at_once:
+            self._first_look = self._first_look / 2
+            return
+        self._recent_waits.append(waited)
+        self._first_look = min(0.85 * min(self._recent_waits), _MAX_FIRST_LOOK)
 
     def query(self, x, timeout: float = 60.0) -> np.ndarray:
         """Send ``x`` as secret shares, wait for the answer, open it here."""
@@ -156,11 +179,11 @@ class PrivateClient:
                 self.channel.send_request(inputs, shares, self.client_id)
                 sent = time.monotonic()
                 ch.trace(f"client {self.client_id}: shares and ticket sent")
-                self._wait(lambda: self.channel.all_waiting(outputs), deadline,
-                           "waiting for the private prediction",
-                           hint="Is serve() running, with requests left to answer?",
-                           first_look=min(0.85 * self._last_wait, _MAX_FIRST_LOOK))
-                self._last_wait = time.monotonic() - sent
+                at_once = self._wait(lambda: self.channel.all_waiting(outputs), deadline,
+                                     "waiting for the private prediction",
+                                     hint="Is serve() running, with requests left to answer?",
+                                     first_look=self._first_look)
+                self._learn_first_look(time.monotonic() - sent, at_once)
                 combined = self.channel.receive_answer(outputs, self.client_id)
                 result = decode(combined, self._scaling)
             except BaseException as exc:
