@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import threading
+from collections import OrderedDict
 from typing import Callable, Optional, TypeVar
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -104,7 +105,8 @@ _PROTOCOL_CLASSES = {"securenn": _securenn, "aby3": _aby3}
 
 
 def _connect_to(hostmap: dict, timeout: float, during: str) -> None:
-    tfe.set_config(tfe.RemoteConfig(hostmap))
+    # An OrderedDict: TF Encrypted prints a warning for a plain dict.
+    tfe.set_config(tfe.RemoteConfig(OrderedDict(hostmap)))
     # Like config.connect_servers(), but the address at which the workers reach
     # this process is ours to choose: on several hosts "localhost" would point
     # each worker at itself. Set HELPERS_DRIVER_HOST to this machine's address
