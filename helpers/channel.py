@@ -227,8 +227,14 @@ def _prefix(model_name: str, protocol: str) -> str:
 _count_each = None
 
 
-def served_protocols(model_name: str) -> List[str]:
-    """The protocols under which a model of this name is being served now."""
+def ready_queues(model_name: str) -> List[SharedQueue]:
+    """The "model is served" queues of ``model_name``, one per protocol (as in PROTOCOLS)."""
+    return [SharedQueue(device_of(0), f"{_prefix(model_name, protocol)}/ready", tf.string, [], 1)
+            for protocol in PROTOCOLS]
+
+
+def served_protocols(ready: Sequence[SharedQueue]) -> List[str]:
+    """The protocols under which the model of these `ready_queues` is served now."""
     global _count_each
     if _count_each is None:
         def count_each(handles):
@@ -237,8 +243,6 @@ def served_protocols(model_name: str) -> List[str]:
             with tf.device(local_device()):
                 return tf.stack(counts)
         _count_each = tf.function(count_each, autograph=False)
-    ready = [SharedQueue(device_of(0), f"{_prefix(model_name, protocol)}/ready", tf.string, [], 1)
-             for protocol in PROTOCOLS]
     counts = _count_each([queue.handle for queue in ready]).numpy()
     return [protocol for protocol, count in zip(PROTOCOLS, counts) if count > 0]
 

@@ -94,9 +94,10 @@ class PrivateClient:
         during = "while connecting to the model"
         mpc.connect(self.cluster, timeout, during=during)
         served: List[str] = []
+        ready = ch.ready_queues(self.model_name)  # made once: each poll only counts
 
         def is_served() -> bool:
-            served[:] = ch.served_protocols(self.model_name)
+            served[:] = ch.served_protocols(ready)
             return bool(served)
 
         self._wait(is_served, deadline, f"waiting for model '{self.model_name}' to be served",
