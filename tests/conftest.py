@@ -1,5 +1,6 @@
 """Shared fixtures. Every test run keeps its cluster records in its own folder."""
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -61,6 +62,40 @@ def spawn_helpers(*args, env=None) -> subprocess.Popen:
     """Start ``python -m helpers ARGS`` in the background, with piped text output."""
     return subprocess.Popen([sys.executable, "-m", "helpers", *map(str, args)], cwd=ROOT, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def run_python(code: str, *args, timeout: float = 300, check: bool = True):
+    """Run ``code`` in a fresh interpreter (``python -c``) from the repository root.
+
+    A fresh process keeps TensorFlow state (a connected cluster, a protocol,
+    a shim applied or not) out of the test process. With ``check``, a
+    non-zero exit fails the test with the end of the child's stderr.
+    """
+    proc = subprocess.run([sys.executable, "-c", code, *map(str, args)], cwd=ROOT,
+                          capture_output=True, text=True, timeout=timeout)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"the script failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
+    return proc
+
+
+def run_on_fresh_cluster(code: str, folder: Path, *args, timeout: float = 300):
+    """Start three workers, run ``code`` with their config file as ``argv[1]``
+    (then ``args``), and stop the workers again; return the CompletedProcess."""
+    from helpers import TFECluster, TFEWorker
+
+    config = folder / "cluster.json"
+    with TFECluster(TFEWorker(), TFEWorker(), TFEWorker(), verbose=False) as cluster:
+        cluster.save(config)
+        return run_python(code, config, *args, timeout=timeout)
+
+
+def pytest_sessionfinish(session, exitstatus):
+    # A passing run's records are of no further use; a failing run keeps its
+    # workers' logs for a look.
+    if exitstatus == 0:
+        shutil.rmtree(_home, ignore_errors=True)
+    else:
+        print(f"\nThe workers' logs and records of these tests are kept in {_home}")
 
 
 @pytest.fixture

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -47,7 +48,9 @@ def run_stage(title: str, args: list) -> dict:
 def main() -> int:
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     # One records folder for the whole run, so the leftover check sees all of it.
-    os.environ.setdefault("TFE_HELPERS_HOME", tempfile.mkdtemp(prefix="tfe-helpers-run-"))
+    made_home = "TFE_HELPERS_HOME" not in os.environ
+    if made_home:
+        os.environ["TFE_HELPERS_HOME"] = tempfile.mkdtemp(prefix="tfe-helpers-run-")
     os.environ["TFE_HELPERS_RUN_HOME"] = os.environ["TFE_HELPERS_HOME"]
     totals = {"passed": 0, "failed": 0, "skipped": 0}
     stages = [("helpers: unit and integration tests", ["tests", *sys.argv[1:]])]
@@ -61,6 +64,11 @@ def main() -> int:
     for title, args in stages:
         for key, value in run_stage(title, args).items():
             totals[key] = totals.get(key, 0) + value
+    if made_home and totals["failed"]:
+        print(f"\nThe workers' logs and records of this run are kept in "
+              f"{os.environ['TFE_HELPERS_HOME']}")
+    elif made_home:
+        shutil.rmtree(os.environ["TFE_HELPERS_HOME"], ignore_errors=True)
     print(f"\ntotal: {totals['passed']} passed, {totals['failed']} failed, "
           f"{totals['skipped']} skipped")
     return 1 if totals["failed"] else 0

@@ -4,10 +4,8 @@ The checks run in a fresh interpreter, so the shim state of this test
 process (which may have applied it already) does not matter. They use
 TF Encrypted's in-process LocalConfig, which is fine for a unit test.
 """
-import subprocess
-import sys
 
-from conftest import ROOT
+from conftest import run_python
 
 AVGPOOL_SCRIPT = """
 import os
@@ -27,8 +25,7 @@ print("ok", float(np.abs(y - model(x).numpy()).max()))
 
 
 def _run(apply: bool):
-    return subprocess.run([sys.executable, "-c", AVGPOOL_SCRIPT.format(apply=apply)], cwd=ROOT,
-                          capture_output=True, text=True, timeout=300)
+    return run_python(AVGPOOL_SCRIPT.format(apply=apply), check=False)
 
 
 def test_average_pooling_fails_without_the_tf_dimension_shim():
@@ -60,10 +57,7 @@ print(prot._encode(values, True).tolist(),
 
 
 def _encode(apply: bool):
-    proc = subprocess.run([sys.executable, "-c", ENCODE_SCRIPT.format(apply=apply)], cwd=ROOT,
-                          capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    return proc.stdout.strip()
+    return run_python(ENCODE_SCRIPT.format(apply=apply)).stdout.strip()
 
 
 def test_encoding_truncates_toward_zero_without_the_rounding_shim():
@@ -99,10 +93,7 @@ print("same" if np.array_equal(first, second) else "fresh", "eager-ok" if eager.
 
 
 def _aby3_masks(apply: bool) -> str:
-    proc = subprocess.run([sys.executable, "-c", ABY3_MASKS_SCRIPT.format(apply=apply)], cwd=ROOT,
-                          capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    return proc.stdout.strip()
+    return run_python(ABY3_MASKS_SCRIPT.format(apply=apply)).stdout.strip()
 
 
 def test_traced_aby3_reuses_its_masks_without_the_fresh_randomness_shim():

@@ -2,13 +2,12 @@
 import os
 import signal
 import subprocess
-import sys
 import textwrap
 import time
 
 import pytest
 
-from conftest import ROOT, spawn_helpers
+from conftest import run_on_fresh_cluster, run_python, spawn_helpers
 from helpers import TFECluster, TFEWorker
 
 pytestmark = pytest.mark.integration
@@ -77,10 +76,7 @@ RESTART_SCRIPT = textwrap.dedent("""
 
 
 def test_a_new_cluster_can_be_started_in_the_same_process(tmp_path, seed_weights):
-    proc = subprocess.run([sys.executable, "-c", RESTART_SCRIPT, str(seed_weights),
-                           str(tmp_path / "second.json")], cwd=ROOT, capture_output=True,
-                          text=True, timeout=900)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    proc = run_python(RESTART_SCRIPT, seed_weights, tmp_path / "second.json", timeout=900)
     result = [line for line in proc.stdout.splitlines() if line.startswith("RESULT")]
     assert result and result[0].startswith("RESULT 2 ["), proc.stdout
 
@@ -106,10 +102,5 @@ BOTH_PROTOCOLS = textwrap.dedent("""
 def test_a_model_name_served_with_both_protocols_is_refused(tmp_path):
     # The queues are separate per protocol, so nothing could cross; but the
     # client cannot know which one was meant, and must say so.
-    config = tmp_path / "cluster.json"
-    with TFECluster(TFEWorker(), TFEWorker(), TFEWorker(), verbose=False) as cluster:
-        cluster.save(config)
-        proc = subprocess.run([sys.executable, "-c", BOTH_PROTOCOLS, str(config)], cwd=ROOT,
-                              capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    proc = run_on_fresh_cluster(BOTH_PROTOCOLS, tmp_path)
     assert "refused: model 'model' is being served with securenn and aby3" in proc.stdout

@@ -6,15 +6,12 @@ exactly the bytes that worker stores. They must differ between the two
 sends, spread over the whole 64-bit ring, and be unrelated to the pixels.
 """
 import json
-import subprocess
-import sys
 import textwrap
 
 import numpy as np
 import pytest
 
-from conftest import ROOT
-from helpers import TFECluster, TFEWorker
+from conftest import run_on_fresh_cluster
 
 pytestmark = pytest.mark.integration
 
@@ -48,12 +45,7 @@ SPY = textwrap.dedent("""
 
 
 def test_a_worker_holds_fresh_random_shares_unrelated_to_the_image(tmp_path):
-    config = tmp_path / "cluster.json"
-    with TFECluster(TFEWorker(), TFEWorker(), TFEWorker(), verbose=False) as cluster:
-        cluster.save(config)
-        proc = subprocess.run([sys.executable, "-c", SPY, str(config)], cwd=ROOT,
-                              capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    proc = run_on_fresh_cluster(SPY, tmp_path)
     seen = json.loads(proc.stdout.strip().splitlines()[-1])
     first, second = (np.array(s, dtype=np.int64) for s in seen["shares"])
     encoded = np.array(seen["encoded"], dtype=np.int64)
@@ -94,12 +86,7 @@ WEIGHT_SHARES = textwrap.dedent("""
 
 @pytest.mark.parametrize("protocol, parties", [("securenn", 2), ("aby3", 3)])
 def test_weight_shares_look_like_noise_and_add_up_to_the_weights(tmp_path, protocol, parties):
-    config = tmp_path / "cluster.json"
-    with TFECluster(TFEWorker(), TFEWorker(), TFEWorker(), verbose=False) as cluster:
-        cluster.save(config)
-        proc = subprocess.run([sys.executable, "-c", WEIGHT_SHARES, str(config), protocol],
-                              cwd=ROOT, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    proc = run_on_fresh_cluster(WEIGHT_SHARES, tmp_path, protocol)
     seen = json.loads(proc.stdout.strip().splitlines()[-1])
     assert seen["parties"] == parties
     assert seen["error"] < 1e-3              # together: the weights, up to fixed-point rounding
