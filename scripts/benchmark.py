@@ -19,6 +19,9 @@ SecureNN and with ABY3 side by side:
 With the same weights and batch sizes, on three fresh workers, it also
 measures TF Encrypted's stock serving queues (scripts/stock_serving.py), the
 path the helpers replace, so the comparison is made on one machine in one run.
+Last, a floor: the same private computation with all three parties in one
+process, no network and no serving (scripts/protocol_floor.py). No serving
+design can beat it on this machine.
 Prints a markdown table and writes it, with a plot, to bench-results/.
 """
 from __future__ import annotations
@@ -217,6 +220,23 @@ def stock_figures(config: Path, weights: Path, queries: int) -> dict:
     return figures
 
 
+def floor_figures(weights: Path, protocol: str) -> dict:
+    """The private computation alone, in one process (scripts/protocol_floor.py)."""
+    proc = subprocess.run([sys.executable, str(ROOT / "scripts" / "protocol_floor.py"), protocol,
+                           ",".join(map(str, BATCHES)), "--weights", str(weights)], cwd=ROOT,
+                          capture_output=True, text=True, timeout=1800)
+    if proc.returncode != 0:
+        raise RuntimeError(f"protocol_floor.py {protocol} failed:\n{proc.stderr[-2000:]}")
+    figures = {}
+    for line in proc.stdout.splitlines():
+        if line.startswith("{"):
+            row = json.loads(line)
+            figures[row["batch"]] = {"median": row["median_s"], "images_per_s": row["images_per_s"]}
+    print(f"{protocol} alone, one process: batch 1 {figures[1]['median'] * 1000:.0f} ms, "
+          f"batch {max(BATCHES)} {figures[max(BATCHES)]['images_per_s']:.0f} images/s", flush=True)
+    return figures
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="a short smoke run")
@@ -240,6 +260,7 @@ def main() -> int:
         plain = plaintext_figures(weights, x_all, latency_queries)
         plain_logits = plaintext_logits(weights, x_all[:agreement_images])
 
+        floor = {protocol: floor_figures(weights, protocol) for protocol in PROTOCOLS}
         first = {protocol: first_answer_figures(weights, x_all, protocol) for protocol in PROTOCOLS}
         workers = [helpers.TFEWorker(name=n) for n in ("alice", "bob", "carol")]
         cluster = helpers.TFECluster(*workers, verbose=False)
@@ -294,6 +315,12 @@ def main() -> int:
                      f"{plain[batch]['images_per_s'] / top:.0f}x slower",
                      f"{stock[batch]['images_per_s']:.0f} img/s",
                      f"{top / stock[batch]['images_per_s']:.2f}x"))
+    top = max(BATCHES)
+    rows.append(("floor: the computation alone, one process, no network: batch 1 median",
+                 *(ms(floor[p][1]["median"]) for p in PROTOCOLS), "", "", "", ""))
+    rows.append((f"floor: throughput at batch {top}, one process, no network",
+                 *(f"{floor[p][top]['images_per_s']:.0f} img/s" for p in PROTOCOLS),
+                 "", "", "", ""))
     agree = {p: int(np.sum(r["logits"].argmax(1) == plain_logits.argmax(1)))
              for p, r in private.items()}
     worst = {p: float(np.abs(r["logits"] - plain_logits).max()) for p, r in private.items()}
@@ -313,7 +340,9 @@ def main() -> int:
     (out / "benchmark.md").write_text(text + "\n")
     plot({"private, helpers SecureNN": snb, "private, helpers ABY3": a3b,
           "private, stock tfe.serving": {b: stock[b] for b in BATCHES},
-          "plaintext Keras": plain}, out / "benchmark.png")
+          "plaintext Keras": plain,
+          "floor: SecureNN alone, one process": floor["securenn"],
+          "floor: ABY3 alone, one process": floor["aby3"]}, out / "benchmark.png")
     return 0
 
 
@@ -324,14 +353,15 @@ def plot(series: dict, path: Path) -> None:
 
     fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
     for label, figures in series.items():
-        left.plot(BATCHES, [figures[b]["median"] * 1000 for b in BATCHES], "o-", label=label)
-        right.plot(BATCHES, [figures[b]["images_per_s"] for b in BATCHES], "o-", label=label)
+        style = "x--" if label.startswith("floor") else "o-"  # floors: dashed
+        left.plot(BATCHES, [figures[b]["median"] * 1000 for b in BATCHES], style, label=label)
+        right.plot(BATCHES, [figures[b]["images_per_s"] for b in BATCHES], style, label=label)
     for axis, ylabel in ((left, "median latency per query (ms)"), (right, "images per second")):
         axis.set_xscale("log")
         axis.set_yscale("log")
         axis.set_xlabel("batch size")
         axis.set_ylabel(ylabel)
-        axis.legend()
+        axis.legend(fontsize="small")
     fig.suptitle("Private vs plaintext prediction, seed CNN on MNIST")
     fig.tight_layout()
     fig.savefig(path, dpi=100)
