@@ -110,6 +110,7 @@ class Channel:
         # autograph=False: plain graph code, nothing to convert.
         self._count_all = tf.function(self._count_all_graph, autograph=False)
         self._take_one = tf.function(self._take_one_graph, autograph=False)
+        self._announce = tf.function(self._announce_graph, autograph=False)
         self._take_all = tf.function(self._take_all_graph, autograph=False)
         self._send = tf.function(self._send_graph, autograph=False)
         self._receive = tf.function(self._receive_graph, autograph=False)
@@ -133,6 +134,18 @@ class Channel:
                 lambda: tf.constant(""))
         with tf.device(local_device()):
             return tf.identity(taken)
+
+    def _announce_graph(self, handle):
+        with tf.device(self.devices[0]):
+            def put():
+                with tf.control_dependencies([gen_data_flow_ops.queue_enqueue_v2(
+                        handle, [tf.constant("serving")])]):
+                    return tf.constant(True)
+            # The queue holds one element: an enqueue into a full one would block.
+            put_now = tf.cond(gen_data_flow_ops.queue_size_v2(handle) == 0, put,
+                              lambda: tf.constant(False))
+        with tf.device(local_device()):
+            return tf.identity(put_now)
 
     def _take_all_graph(self, handle):
         with tf.device(self.devices[0]):
@@ -180,6 +193,26 @@ class Channel:
         """The oldest ticket's client id, or None when no ticket waits."""
         taken = self._take_one(self.tickets.handle).numpy().decode()
         return taken or None
+
+    def announce(self) -> None:
+        """Mark the model as served (once: a second call changes nothing).
+
+        Like every look at or change to a public queue, this is one traced
+        call that returns only when done. An eager queue op would not do: it
+        runs on the worker asynchronously, not in order with the traced calls
+        around it, so a look just after it can miss it.
+        """
+        self._announce(self.ready.handle).numpy()
+
+    def withdraw(self) -> None:
+        """Mark the model as no longer served (nothing happens if it was not).
+
+        The check and the dequeue run together on the worker. An eager
+        dequeue issued after a separate look could find the queue empty, and
+        then it would wait on the worker forever, even after this process
+        exits, and swallow the mark of the next server of this model.
+        """
+        self._take_one(self.ready.handle).numpy()
 
     def take_acks(self) -> int:
         """Take every waiting acknowledgement; return how many there were."""

@@ -163,8 +163,7 @@ class SharedModel:
         last_health = 0.0
         idle = ch.Backoff(first=0.001, longest=_IDLE_POLL_MAX)
         last_answer = float("-inf")
-        if channel.waiting(channel.ready) == 0:
-            channel.ready.enqueue(tf.constant("serving"))
+        channel.announce()
         if self.verbose:
             total = "until stopped" if num_requests is None else f"{num_requests} requests"
             print(f"Serving {total} ...")
@@ -258,15 +257,11 @@ class SharedModel:
             return
         self._stopped = True
         try:
-            mpc.call_with_timeout(lambda: self._withdraw(), 10.0, "withdrawing the model")
+            mpc.call_with_timeout(self.channel.withdraw, 10.0, "withdrawing the model")
         except Exception:  # workers already gone: nothing left to withdraw
             pass
         if self.verbose:
             print(f"Stopped serving after {self.served} requests.")
-
-    def _withdraw(self) -> None:
-        while self.channel.waiting(self.channel.ready) > 0:
-            self.channel.ready.dequeue()
 
 
 def share(model: tf.keras.Sequential, cluster, name: str = "model", timeout: float = 120.0,

@@ -83,7 +83,6 @@ def test_a_new_cluster_can_be_started_in_the_same_process(tmp_path, seed_weights
 
 BOTH_PROTOCOLS = textwrap.dedent("""
     import sys
-    import tensorflow as tf
     from helpers import ClusterError, TFECluster, channel as ch, mpc
     from helpers.client import PrivateClient
 
@@ -91,7 +90,7 @@ BOTH_PROTOCOLS = textwrap.dedent("""
     mpc.connect(cluster, 60, during="in the test")
     # Two serving processes, one per protocol, under the same model name.
     for protocol in mpc.PROTOCOLS:
-        ch.Channel(protocol, "model", (1, 28, 28, 1), (1, 10)).ready.enqueue(tf.constant("serving"))
+        ch.Channel(protocol, "model", (1, 28, 28, 1), (1, 10)).announce()
     try:
         PrivateClient((1, 28, 28, 1), (1, 10), cluster).connect(timeout=30)
     except ClusterError as exc:
@@ -104,3 +103,34 @@ def test_a_model_name_served_with_both_protocols_is_refused(tmp_path):
     # client cannot know which one was meant, and must say so.
     proc = run_on_fresh_cluster(BOTH_PROTOCOLS, tmp_path)
     assert "refused: model 'model' is being served with securenn and aby3" in proc.stdout
+
+
+ANNOUNCE_AND_WITHDRAW = textwrap.dedent("""
+    import sys
+    from helpers import TFECluster, channel as ch, mpc
+
+    cluster = TFECluster.load(sys.argv[1], timeout=60, verbose=False)
+    mpc.connect(cluster, 60, during="in the test")
+    channel = ch.Channel("securenn", "model", (1, 28, 28, 1), (1, 10))
+    seen = []
+    for _ in range(5):
+        channel.announce()
+        channel.announce()  # a second mark changes nothing (and must not wait for room)
+        seen.append(channel.waiting(channel.ready))
+        channel.withdraw()
+        channel.withdraw()  # nothing left to take: must not leave a dequeue waiting
+        seen.append(channel.waiting(channel.ready))
+    print("SEEN", seen)
+""")
+
+
+def test_serving_can_be_announced_and_withdrawn_again_and_again(tmp_path):
+    # serve() and stop() used to look at the "served" mark with a traced call,
+    # then add or take it with an eager queue op. Eager ops run on the worker
+    # out of order with traced calls, so a look could miss the op just
+    # before it: an extra dequeue was left waiting on the worker, where it
+    # swallowed the next server's mark (and once starved the worker of
+    # threads, hanging a benchmark run), and an extra enqueue blocked on the
+    # full queue. With the old code this script hangs, hence the short timeout.
+    proc = run_on_fresh_cluster(ANNOUNCE_AND_WITHDRAW, tmp_path, timeout=120)
+    assert "SEEN [1, 0, 1, 0, 1, 0, 1, 0, 1, 0]" in proc.stdout, proc.stdout
