@@ -15,7 +15,7 @@ import time
 import uuid
 from collections import deque
 from dataclasses import dataclass
-from typing import Iterator, List, Sequence
+from typing import Callable, Iterator, List, Optional, Sequence, TypeVar
 
 import numpy as np
 import tensorflow as tf
@@ -25,10 +25,12 @@ from . import mpc
 from .errors import ClusterError, NotConnectedError, StepTimeoutError
 from .validation import check_input
 
+T = TypeVar("T")
 _HEALTH_EVERY = 0.5   # seconds between worker checks while waiting
 _MAX_FIRST_LOOK = 0.5  # never wait longer than this before the first look
 _POLL_MAX = 0.004      # longest pause between looks for an answer
 _RECENT = 8            # answers remembered to time the first look
+_STUCK_GRACE = 15.0    # past its own deadline, how long a call may take to come back
 
 
 def encode(x: np.ndarray, scaling_factor: float) -> np.ndarray:
@@ -77,6 +79,37 @@ class PrivateClient:
         # How long recent answers took, to time the first look for the next.
         self._recent_waits: deque = deque(maxlen=_RECENT)
         self._first_look = 0.0
+        self._stuck: Optional[str] = None  # set when a call never came back
+
+    def _bounded(self, fn: Callable[[], T], timeout: float, step: str) -> T:
+        """Run ``fn`` (which keeps its own ``timeout``) with a hard limit.
+
+        ``fn`` raises `StepTimeoutError` itself once its deadline passes, as
+        long as its calls to the workers return. A worker that is up but not
+        responding (stopped, or starved of threads) can hold a TensorFlow call
+        forever, though, and nothing can cancel that call. So ``fn`` runs in a
+        helper thread, and if it has not come back ``_STUCK_GRACE`` s after
+        its deadline, this client gives up on it and refuses further use.
+        """
+        returned = threading.Event()
+
+        def call() -> T:
+            try:
+                return fn()
+            finally:
+                returned.set()
+
+        try:
+            return mpc.call_with_timeout(call, timeout + _STUCK_GRACE, step)
+        except StepTimeoutError:
+            if returned.is_set():
+                raise  # fn's own, ordinary timeout
+            self._stuck = step
+            raise StepTimeoutError(
+                f"a call to the workers made while {step} did not return within "
+                f"{timeout + _STUCK_GRACE:.0f} s. A worker accepts connections but does "
+                "not respond: is one stopped or overloaded? Check them with `python -m "
+                "helpers status`, restart the cluster if needed, and connect again.") from None
 
     def _new_identity(self) -> None:
         # A fresh id means fresh queues: an answer that arrives after we gave
@@ -90,6 +123,10 @@ class PrivateClient:
 
         Whichever protocol the model is served with, the client follows.
         """
+        self._bounded(lambda: self._connect(timeout), timeout,
+                      f"waiting for model '{self.model_name}' to be served")
+
+    def _connect(self, timeout: float) -> None:
         deadline = time.monotonic() + timeout
         during = "while connecting to the model"
         mpc.connect(self.cluster, timeout, during=during)
@@ -166,9 +203,16 @@ class PrivateClient:
 
     def query(self, x, timeout: float = 60.0) -> np.ndarray:
         """Send ``x`` as secret shares, wait for the answer, open it here."""
+        if self._stuck is not None:
+            raise ClusterError(f"this client gave up on a call to the workers that never "
+                               f"returned (while {self._stuck}); connect again")
         if self.channel is None:
             raise NotConnectedError("call connect_to_model(...) before query_model()")
         x = check_input(x, self.input_shape)
+        return self._bounded(lambda: self._query(x, timeout), timeout,
+                             "waiting for the private prediction")
+
+    def _query(self, x: np.ndarray, timeout: float) -> np.ndarray:
         with self._lock:
             deadline = time.monotonic() + timeout
             if self._queues is None:

@@ -2,12 +2,13 @@
 import os
 import signal
 import subprocess
+import sys
 import textwrap
 import time
 
 import pytest
 
-from conftest import run_on_fresh_cluster, run_python, spawn_helpers
+from conftest import ROOT, run_on_fresh_cluster, run_python, spawn_helpers
 from helpers import TFECluster, TFEWorker
 
 pytestmark = pytest.mark.integration
@@ -134,3 +135,51 @@ def test_serving_can_be_announced_and_withdrawn_again_and_again(tmp_path):
     # full queue. With the old code this script hangs, hence the short timeout.
     proc = run_on_fresh_cluster(ANNOUNCE_AND_WITHDRAW, tmp_path, timeout=120)
     assert "SEEN [1, 0, 1, 0, 1, 0, 1, 0, 1, 0]" in proc.stdout, proc.stdout
+
+
+STUCK_CLIENT = textwrap.dedent("""
+    import os, sys, time
+    from helpers import StepTimeoutError, TFECluster, TFEWorker, mpc
+
+    cluster = TFECluster.load(sys.argv[1], timeout=60, verbose=False)
+    mpc.connect(cluster, 60, during="in the test")
+    print("connected", flush=True)
+    sys.stdin.readline()  # the test stops worker 0, then says go
+    started = time.monotonic()
+    try:
+        TFEWorker().connect_to_model((1, 28, 28, 1), (1, 10), cluster, timeout=5)
+        print("RESULT connected?!", flush=True)
+    except StepTimeoutError as exc:
+        print(f"RESULT after {time.monotonic() - started:.0f} s: {exc}", flush=True)
+    # The stuck call is still inside TensorFlow; leave without waiting for it.
+    os._exit(0)
+""")
+
+
+def test_a_worker_that_is_up_but_stuck_gives_a_timeout_not_a_hang(tmp_path):
+    # A stopped worker still accepts TCP connections, so the health checks
+    # pass, and a TensorFlow call to it never returns. The client must still
+    # give up, soon after its own timeout, and say what to check.
+    config = tmp_path / "cluster.json"
+    with TFECluster(TFEWorker(), TFEWorker(), TFEWorker(), verbose=False) as cluster:
+        cluster.save(config)
+        client = subprocess.Popen([sys.executable, "-c", STUCK_CLIENT, str(config)], cwd=ROOT,
+                                  stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                  stderr=subprocess.PIPE, text=True)
+        worker = cluster.pids()["server0"]
+        try:
+            assert client.stdout.readline().strip() == "connected", client.stderr.read()
+            os.kill(worker, signal.SIGSTOP)
+            client.stdin.write("go\n")
+            client.stdin.flush()
+            out, err = client.communicate(timeout=120)
+        finally:
+            os.kill(worker, signal.SIGCONT)
+            if client.poll() is None:
+                client.kill()
+                client.wait()
+    result = [line for line in out.splitlines() if line.startswith("RESULT")]
+    assert result, err[-2000:]
+    assert "did not return within 20 s" in result[0] and "python -m helpers status" in result[0]
+    seconds = int(result[0].split()[2])
+    assert 18 <= seconds <= 40, result[0]
