@@ -31,6 +31,7 @@ import tf_encrypted as tfe  # noqa: E402
 
 from helpers import compat, load_mnist  # noqa: E402
 from helpers.client import decode, encode, secret_share  # noqa: E402
+from helpers.mpc import parties_of  # noqa: E402
 from helpers.models import as_model_input, seed_cnn  # noqa: E402
 from helpers.serving import forward_aby3, forward_securenn  # noqa: E402
 
@@ -51,10 +52,10 @@ def floor_figures(name: str, batch: int, weights, repeats: int, images: np.ndarr
     x = images[:batch]
     expected = model(x).numpy()
     shared = tfe.keras.models.clone_model(model)
-    parties = 3 if name == "aby3" else 2
-    devices = [protocol.servers[i].device_name if name == "aby3"
-               else (protocol.server_0, protocol.server_1)[i].device_name
-               for i in range(parties)]
+    parties = parties_of(name)
+    # The share-holding players: all three with ABY3, the first two with SecureNN.
+    players = protocol.servers if name == "aby3" else (protocol.server_0, protocol.server_1)
+    devices = [player.device_name for player in players]
 
     def step(*shares):
         placed = []
