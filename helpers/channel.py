@@ -106,7 +106,7 @@ class Channel:
         public = self.devices[0]
         self.tickets = SharedQueue(public, f"{self.prefix}/tickets", tf.string, [], TICKET_CAPACITY)
         self.acks = SharedQueue(public, f"{self.prefix}/acks", tf.string, [], TICKET_CAPACITY)
-        self.ready = SharedQueue(public, f"{self.prefix}/ready", tf.string, [], 1)
+        self.ready = _ready_queue(self.prefix)
         # autograph=False: plain graph code, nothing to convert.
         self._count_all = tf.function(self._count_all_graph, autograph=False)
         self._take_one = tf.function(self._take_one_graph, autograph=False)
@@ -260,10 +260,14 @@ def _prefix(model_name: str, protocol: str) -> str:
 _count_each = None
 
 
+def _ready_queue(prefix: str) -> SharedQueue:
+    # One element at most: "served" or nothing. On worker 0, like every public queue.
+    return SharedQueue(device_of(0), f"{prefix}/ready", tf.string, [], 1)
+
+
 def ready_queues(model_name: str) -> List[SharedQueue]:
     """The "model is served" queues of ``model_name``, one per protocol (as in PROTOCOLS)."""
-    return [SharedQueue(device_of(0), f"{_prefix(model_name, protocol)}/ready", tf.string, [], 1)
-            for protocol in PROTOCOLS]
+    return [_ready_queue(_prefix(model_name, protocol)) for protocol in PROTOCOLS]
 
 
 def served_protocols(ready: Sequence[SharedQueue]) -> List[str]:
