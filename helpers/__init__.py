@@ -8,10 +8,11 @@ so the notebooks can show the ideas:
 * `TFEWorker.connect_to_model` / `query_model`: the private-prediction client.
 * `load_mnist`: MNIST without a download.
 """
-import os as _os
+# First of all, before anything imports TensorFlow or TF Encrypted: select
+# tf-keras, apply the compatibility fixes, and wire in our randomness.
+from . import compat as _compat
 
-# Keep TensorFlow's C++ start-up chatter out of notebooks and logs.
-_os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+_compat.prepare()
 
 from .cluster import TFECluster, TFEWorker, read_config  # noqa: E402
 from .data import load_mnist  # noqa: E402
@@ -19,6 +20,7 @@ from .errors import (  # noqa: E402
     ClusterError,
     ConfigError,
     HelpersError,
+    KerasModeError,
     NotConnectedError,
     PortInUseError,
     ServingStoppedError,
@@ -33,6 +35,6 @@ from .validation import InputRangeWarning  # noqa: E402
 __all__ = [
     "TFEWorker", "TFECluster", "read_config", "share", "SharedModel", "load_mnist",
     "cleanup_stale", "HelpersError", "ClusterError", "PortInUseError", "WorkerStartError", "WorkerDownError",
-    "StepTimeoutError", "ConfigError", "NotConnectedError", "ServingStoppedError",
+    "StepTimeoutError", "ConfigError", "KerasModeError", "NotConnectedError", "ServingStoppedError",
     "InputRangeWarning",
 ]

@@ -1,9 +1,6 @@
 """``python -m helpers``: see helpers/cli.py."""
-import os
 import sys
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-
-from .cli import main  # noqa: E402
+from .cli import main
 
 sys.exit(main())

@@ -122,6 +122,12 @@ def _cmd_query(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_doctor(args: argparse.Namespace) -> int:
+    from . import doctor
+
+    return doctor.run(with_workers=not args.no_workers)
+
+
 def _cmd_demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
 
@@ -170,6 +176,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="one JSON object per image")
     p.add_argument("--timeout", type=float, default=300.0)
     p.set_defaults(func=_cmd_query)
+
+    p = sub.add_parser("doctor", help="check the set-up (paste its output when asking for help)")
+    p.add_argument("--no-workers", action="store_true", help="skip starting three test workers")
+    p.set_defaults(func=_cmd_doctor)
 
     p = sub.add_parser("demo", help="train, serve and query end to end with real workers")
     p.add_argument("--images", type=int, default=10, help="test images to predict privately")

@@ -1,7 +1,9 @@
 """The three MPC workers: `TFEWorker` and `TFECluster`.
 
 A worker is a plain TensorFlow gRPC server run by ``python -m
-tf_encrypted.player ROLE --config FILE``. TF Encrypted's SecureNN protocol
+helpers.worker ROLE --config FILE``: our entry point, which applies the
+compatibility fixes and loads our secure-randomness op, then runs TF
+Encrypted's player (``tf_encrypted.player``). TF Encrypted's SecureNN protocol
 knows its three parties by role (``server0``, ``server1``, ``server2``); the
 cluster maps the three workers you pass onto those roles, in order.
 """

@@ -1,20 +1,233 @@
-"""Compatibility shims for TF Encrypted 0.9.1 on TensorFlow 2.9.1.
+"""Compatibility fixes: TF Encrypted 0.9.1 on today's TensorFlow, Keras, onnx and setuptools.
 
-Every shim for an upstream bug lives here, and nowhere else. Each one names
-the problem it works around and has a test in tests/test_compat.py that fails
-when the shim is not applied. `apply()` is idempotent and is called by the
-package before any TF Encrypted model is built.
+Every workaround for a library bug or for library drift lives here, and
+nowhere else. Each one names the problem it works around and has a test in
+tests/test_compat.py that fails without it. Each fix looks for the missing
+feature itself rather than at version numbers, so the same code works on
+whatever TensorFlow a hosted runtime has preinstalled.
+
+`prepare()` puts all of them in place, in order, and is what
+``import helpers`` calls first, before anything else imports TensorFlow or
+TF Encrypted. That covers every process that uses TF Encrypted: the
+notebook kernel, the serving process, the client, and each worker (workers
+start through ``python -m helpers.worker``, which imports this package).
 """
 from __future__ import annotations
 
+import importlib
+import logging
+import os
+import sys
+import types
+import warnings
 from contextlib import contextmanager
-from typing import Iterator
+from typing import Callable, Iterator, List, Tuple
 
-import numpy as np
-import tensorflow as tf
+from .errors import KerasModeError
 
-_applied = False
+_prepared = False
+# Tests only: a comma-separated list of fix names (see `applied()`) that
+# `prepare` leaves out, so each fix's test can show what breaks without it.
+SKIP_ENV = "TFE_HELPERS_SKIP_FIXES"
 
+
+# -- before TensorFlow is imported ---------------------------------------------
+
+def configure_environment() -> None:
+    """Environment settings that only work if made before TensorFlow loads.
+
+    * Keras: from TensorFlow 2.16 on, ``tf.keras`` is Keras 3, which rejects
+      ``batch_input_shape``, and ``tfe.keras.models.clone_model`` fails on a
+      Keras 3 model (``GlorotUniform ... input_axes``). tf-keras keeps the
+      Keras 2 API, and TensorFlow serves it as ``tf.keras`` only if
+      TF_USE_LEGACY_KERAS=1 is set before its first import.
+    * Log noise: TensorFlow's C++ INFO and WARNING lines, and the oneDNN
+      notice that TensorFlow 2.21 prints before its logging is set up, even
+      at TF_CPP_MIN_LOG_LEVEL=2. oneDNN changes only float kernels (the
+      plaintext model); TF Encrypted computes on integers. A reader who sets
+      either variable keeps their value.
+    """
+    os.environ["TF_USE_LEGACY_KERAS"] = "1"
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
+
+
+def keras_is_legacy(tf) -> bool:
+    """True when ``tf.keras`` is the Keras 2 API that TF Encrypted needs.
+
+    Keras 3 refuses ``batch_input_shape`` on a layer, the very feature our
+    models need, so we ask for it rather than reading a version number.
+    """
+    try:
+        tf.keras.layers.Dense(1, batch_input_shape=(1, 2))
+    except (TypeError, ValueError):
+        return False
+    return True
+
+
+def _check_keras_mode() -> None:
+    import tensorflow as tf
+
+    if not keras_is_legacy(tf):
+        raise KerasModeError(
+            "TensorFlow was imported with Keras 3 before helpers, and TF Encrypted "
+            "needs the Keras 2 API (tf-keras). Import helpers before TensorFlow: put "
+            "`import helpers` first, then restart the kernel (or the script) so "
+            "TensorFlow loads again. If tf-keras is missing, install it "
+            "(`pip install tf-keras`, the version matching your TensorFlow).")
+
+
+# -- import fixes: before TF Encrypted is imported -----------------------------
+
+def _glob_stateful_parallelism() -> None:
+    # TensorFlow drift: tf_encrypted/protocol/aby3/aby3.py imports
+    # `glob_stateful_parallelism` from tensorflow.python.ops.while_v2, a module
+    # flag that TensorFlow 2.13 removed, so `import tf_encrypted` fails with an
+    # ImportError. TF Encrypted only reads it to pass on to its while loops;
+    # False is the old default (no parallel stateful iterations).
+    from tensorflow.python.ops import while_v2
+
+    if not hasattr(while_v2, "glob_stateful_parallelism"):
+        while_v2.glob_stateful_parallelism = False
+
+
+def _onnx_mapping() -> None:
+    # onnx drift: tf_encrypted/convert/convert.py does
+    # `from onnx.mapping import TENSOR_TYPE_TO_NP_TYPE`; onnx 1.16 removed
+    # `onnx.mapping`, so `import tf_encrypted` fails with ModuleNotFoundError.
+    # onnx.helper.tensor_dtype_to_np_dtype gives the same table.
+    try:
+        importlib.import_module("onnx.mapping")
+        return
+    except ModuleNotFoundError:
+        pass
+    import onnx
+    from onnx import helper
+
+    table = {}
+    for code in onnx.TensorProto.DataType.values():
+        try:
+            table[code] = helper.tensor_dtype_to_np_dtype(code)
+        except (KeyError, ValueError, TypeError):
+            continue  # UNDEFINED and types numpy cannot hold
+    mapping = types.ModuleType("onnx.mapping")
+    mapping.__doc__ = "Stand-in for onnx.mapping (removed in onnx 1.16), made by helpers.compat."
+    mapping.TENSOR_TYPE_TO_NP_TYPE = table
+    sys.modules["onnx.mapping"] = mapping
+    onnx.mapping = mapping
+
+
+class _DistributionNotFound(Exception):
+    """Stand-in for pkg_resources.DistributionNotFound."""
+
+
+def _get_distribution(name: str):
+    from importlib import metadata
+
+    try:
+        dist = metadata.distribution(name)
+    except metadata.PackageNotFoundError:
+        raise _DistributionNotFound(name) from None
+    return types.SimpleNamespace(project_name=name, version=dist.version,
+                                 location=str(dist.locate_file("")))
+
+
+def _pkg_resources() -> None:
+    # setuptools drift: tf_encrypted/__init__.py imports DistributionNotFound
+    # and get_distribution from pkg_resources, which setuptools 81 removed; a
+    # fresh Python 3.12 environment may have no setuptools at all. Either way
+    # `import tf_encrypted` fails. importlib.metadata answers the same two
+    # questions (is it installed, and where).
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="pkg_resources is deprecated")
+            importlib.import_module("pkg_resources")
+        return
+    except ImportError:
+        pass
+    stand_in = types.ModuleType("pkg_resources")
+    stand_in.__doc__ = "Stand-in for pkg_resources (removed in setuptools 81), made by helpers.compat."
+    stand_in.DistributionNotFound = _DistributionNotFound
+    stand_in.get_distribution = _get_distribution
+    sys.modules["pkg_resources"] = stand_in
+
+
+# In the order `import tf_encrypted` runs into them.
+IMPORT_FIXES: Tuple[Callable[[], None], ...] = (_pkg_resources, _onnx_mapping,
+                                                 _glob_stateful_parallelism)
+
+
+class _DropReplacedOpNotices(logging.Filter):
+    # TF Encrypted logs that it found no compiled ops for this TensorFlow. We
+    # put our own randomness and aux in their place right after the import,
+    # and say loudly ourselves if ours is the weaker fallback, so those lines
+    # would mislead. The dataset and 128-bit integer ops are used by neither
+    # of our protocols (a use would fail at once, naming the missing module).
+    _NOTICES = ("Falling back to insecure randomness", "Could not find aux module",
+                "Could not find dataset module", "Could not find tf_i128 module",
+                "i128 module")
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not any(notice in record.getMessage() for notice in self._NOTICES)
+
+
+def _name(fix: Callable[[], None]) -> str:
+    return fix.__name__.lstrip("_")
+
+
+def _skipped() -> set:
+    return {name.strip() for name in os.environ.get(SKIP_ENV, "").split(",") if name.strip()}
+
+
+def import_tf_encrypted():
+    """Apply the import fixes, then import and return TF Encrypted, quietly."""
+    skipped = _skipped()
+    for fix in IMPORT_FIXES:
+        if _name(fix) not in skipped:
+            fix()
+    notices = _DropReplacedOpNotices()
+    logger = logging.getLogger("tf_encrypted")
+    logger.addFilter(notices)
+    try:
+        with warnings.catch_warnings():
+            # Deprecation notice of pkg_resources itself, printed on import.
+            warnings.filterwarnings("ignore", message="pkg_resources is deprecated")
+            import tf_encrypted
+    finally:
+        logger.removeFilter(notices)
+    return tf_encrypted
+
+
+# -- after the import: what TF Encrypted's compiled ops used to provide ----------
+
+def _install_randomness() -> None:
+    # TF Encrypted's compiled ops exist only for TensorFlow 2.9.1: they load
+    # from a file named after the exact tf.__version__. Elsewhere its
+    # `secure_random_module` is None and two things go wrong: pond.py and
+    # aby3.py call secure_seed() anyway ("'NoneType' object has no attribute
+    # 'secure_seed'"), and where it does fall back, the masks come from
+    # TensorFlow's global-seeded generators, identical in every process once
+    # a global seed is set. We put our own source in its place (see
+    # helpers.randomness): TF Encrypted looks the module up on every call.
+    from . import randomness
+
+    module = sys.modules["tf_encrypted.operations.secure_random.secure_random"]
+    if module.secure_random_module is None:
+        module.secure_random_module = randomness.source()
+
+
+def _install_bit_split_and_gather() -> None:
+    # Same cause: ABY3's comparisons call aux.bit_split_and_gather, which
+    # exists only in the compiled aux op, with no fallback ("'NoneType' object
+    # has no attribute 'bit_split_and_gather'"). Ours is plain TensorFlow.
+    from . import randomness
+
+    module = sys.modules["tf_encrypted.operations.aux.aux"]
+    if module.aux_module is None:
+        module.aux_module = randomness.PlainAux()
+
+
+# -- TF Encrypted's own bugs on TensorFlow 2 ------------------------------------
 
 def _tf_dimension() -> None:
     # Upstream bug: tf_encrypted/protocol/pond/pond.py (_avgpool2d_im2col_reduce)
@@ -22,6 +235,8 @@ def _tf_dimension() -> None:
     # AveragePooling2D layer fails with
     #   AttributeError: module 'tensorflow' has no attribute 'Dimension'.
     # TF 2.x still ships the class as tf.compat.v1.Dimension.
+    import tensorflow as tf
+
     if not hasattr(tf, "Dimension"):
         tf.Dimension = tf.compat.v1.Dimension
 
@@ -36,6 +251,8 @@ def _round_when_encoding() -> None:
     # Adding half a unit, away from zero, before the truncation turns it into
     # rounding to nearest, so the encoding error is unbiased and at most half
     # a unit.
+    import numpy as np
+    import tensorflow as tf
     from tf_encrypted.protocol.pond import Pond
 
     original = Pond._encode
@@ -55,6 +272,11 @@ def _round_when_encoding() -> None:
 
     encode_rounded._helpers_rounding = True
     Pond._encode = encode_rounded
+
+
+# In order, once TF Encrypted is imported.
+AFTER_IMPORT_FIXES: Tuple[Callable[[], None], ...] = (
+    _install_randomness, _install_bit_split_and_gather, _tf_dimension, _round_when_encoding)
 
 
 # The ABY3 protocol state that holds its key material and counters.
@@ -81,8 +303,10 @@ def fresh_aby3_randomness(protocol) -> Iterator[None]:
     Afterwards the protocol's eager key state is put back: graph tensors left
     in it would break any later eager use ("out of scope" errors).
 
-    Not a patch, so not part of `apply()`: only traced ABY3 code needs it.
+    Not a patch, so not part of `prepare()`: only traced ABY3 code needs it.
     """
+    import tensorflow as tf
+
     saved = {name: getattr(protocol, name) for name in _ABY3_KEY_STATE}
     protocol.reset()
     protocol.pairwise_nonces_ = tf.constant(protocol.pairwise_nonces_, dtype=tf.int32)
@@ -93,11 +317,24 @@ def fresh_aby3_randomness(protocol) -> Iterator[None]:
             setattr(protocol, name, value)
 
 
-def apply() -> None:
-    """Apply every shim once (safe to call many times)."""
-    global _applied
-    if _applied:
+def prepare() -> None:
+    """Put every fix in place and import TF Encrypted (safe to call many times).
+
+    Raises `KerasModeError` when TensorFlow was already imported with Keras 3.
+    """
+    global _prepared
+    if _prepared:
         return
-    _tf_dimension()
-    _round_when_encoding()
-    _applied = True
+    configure_environment()
+    _check_keras_mode()
+    import_tf_encrypted()
+    skipped = _skipped()
+    for fix in AFTER_IMPORT_FIXES:
+        if _name(fix) not in skipped:
+            fix()
+    _prepared = True
+
+
+def applied() -> List[str]:
+    """Names of the fixes `prepare` runs, in order."""
+    return [_name(fix) for fix in (*IMPORT_FIXES, *AFTER_IMPORT_FIXES)]

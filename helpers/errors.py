@@ -55,3 +55,7 @@ class NotConnectedError(HelpersError):
 
 class ServingStoppedError(HelpersError):
     """`serve()` was called on a model whose serving was stopped."""
+
+
+class KerasModeError(HelpersError, ImportError):
+    """TensorFlow was imported with Keras 3, but TF Encrypted needs tf-keras."""

@@ -12,13 +12,11 @@ import threading
 from collections import OrderedDict
 from typing import Callable, Optional, TypeVar
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+import tensorflow as tf
+import tf_encrypted as tfe
 
-import tensorflow as tf  # noqa: E402
-import tf_encrypted as tfe  # noqa: E402
-
-from . import compat  # noqa: E402
-from .errors import StepTimeoutError  # noqa: E402
+from . import randomness
+from .errors import StepTimeoutError
 
 T = TypeVar("T")
 PROTOCOLS = ("securenn", "aby3")
@@ -69,7 +67,6 @@ def connect(cluster, timeout: float, during: str, protocol: str = "securenn"):
     global _connected_hostmap
     if protocol not in PROTOCOLS:
         raise ValueError(f"protocol must be one of {', '.join(PROTOCOLS)}, got {protocol!r}")
-    compat.apply()
     cluster.check(during=during)
     hostmap = dict(cluster.hostmap)
     if _connected_hostmap != hostmap:
@@ -80,6 +77,7 @@ def connect(cluster, timeout: float, during: str, protocol: str = "securenn"):
         # ABY3 draws its key material on the workers when it is made.
         _protocols[protocol] = call_with_timeout(_PROTOCOL_CLASSES[protocol], timeout,
                                                  f"setting up {protocol} ({during})")
+        randomness.warn_if_weak(f"the {protocol} protocol ({during})")
     instance = _protocols[protocol]
     tfe.set_protocol(instance)
     return instance

@@ -20,11 +20,15 @@ import time
 from pathlib import Path
 from typing import Dict, List, Optional
 
+import psutil
+
 STATE_ENV = "TFE_HELPERS_HOME"
 PIDS_FILE = "pids.json"
 # Every worker command line carries this module name; we check it before we
 # signal a recorded PID, so a recycled PID is never signalled by mistake.
-WORKER_MODULE = "tf_encrypted.player"
+# Our entry point applies the compatibility fixes and loads our op, then runs
+# TF Encrypted's player (tf_encrypted.player).
+WORKER_MODULE = "helpers.worker"
 
 
 def state_home() -> Path:
@@ -34,35 +38,34 @@ def state_home() -> Path:
     return base / "clusters"
 
 
-def process_start_time(pid: int) -> Optional[int]:
-    """Start time of ``pid`` in clock ticks since boot, or None if it is gone.
+def process_start_time(pid: int) -> Optional[float]:
+    """Start time of ``pid`` (seconds since the epoch), or None if it is gone.
 
     Together with the PID this identifies one process for its whole life.
+    psutil reads it from /proc on Linux and from the kernel on macOS.
     """
     try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
+        process = psutil.Process(pid)
+        if process.status() == psutil.STATUS_ZOMBIE:
+            return None  # it has exited; only its exit status is left
+        return process.create_time()
+    except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
         return None
-    # The command name (field 2) may contain spaces; fields after it don't.
-    fields = stat.rsplit(")", 1)[1].split()
-    if fields[0] == "Z":  # a zombie has exited; only its exit status is left
-        return None
-    return int(fields[19])
 
 
 def command_line(pid: int) -> List[str]:
     """Arguments of ``pid`` (empty when the process is gone)."""
     try:
-        raw = Path(f"/proc/{pid}/cmdline").read_bytes()
-    except OSError:
+        return psutil.Process(pid).cmdline()
+    except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
         return []
-    return [part.decode(errors="replace") for part in raw.split(b"\0") if part]
 
 
 def is_same_process(pid: int, start_time: Optional[int]) -> bool:
     """True when ``pid`` still runs and is the process recorded with ``start_time``."""
     current = process_start_time(pid)
-    return current is not None and (start_time is None or current == start_time)
+    # Start times are floats: compare to well under a clock tick.
+    return current is not None and (start_time is None or abs(current - start_time) < 0.01)
 
 
 def is_our_worker(pid: int, start_time: Optional[int], config_path: str) -> bool:

@@ -37,14 +37,13 @@ import tempfile
 import time
 from pathlib import Path
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-import numpy as np  # noqa: E402
+import numpy as np
 
-import helpers  # noqa: E402
-from helpers.models import as_model_input, seed_cnn, train_seed_cnn  # noqa: E402
+import helpers
+from helpers.models import as_model_input, seed_cnn, train_seed_cnn
 
 BATCHES = (1, 10, 100)
 PROTOCOLS = ("securenn", "aby3")

@@ -11,16 +11,12 @@ across the two processes. It serves one request, then stops the workers.
 """
 from __future__ import annotations
 
-import os
 import sys
 import time
 from pathlib import Path
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-import helpers  # noqa: E402
-from helpers.models import seed_cnn  # noqa: E402
+import helpers
+from helpers.models import seed_cnn
 
 
 def main(folder: Path, weights: str, protocol: str) -> int:

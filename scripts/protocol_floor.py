@@ -17,27 +17,22 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import time
-from pathlib import Path
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+import helpers  # noqa: F401 (first of all: tf-keras and the compatibility fixes)
+import numpy as np
+import tensorflow as tf
+import tf_encrypted as tfe
 
-import numpy as np  # noqa: E402
-import tensorflow as tf  # noqa: E402
-import tf_encrypted as tfe  # noqa: E402
-
-from helpers import compat, load_mnist  # noqa: E402
-from helpers.client import decode, encode, secret_share  # noqa: E402
-from helpers.mpc import parties_of  # noqa: E402
-from helpers.models import as_model_input, seed_cnn  # noqa: E402
-from helpers.serving import forward_aby3, forward_securenn  # noqa: E402
+from helpers import load_mnist
+from helpers.client import decode, encode, secret_share
+from helpers.mpc import parties_of
+from helpers.models import as_model_input, seed_cnn
+from helpers.serving import forward_aby3, forward_securenn
 
 
 def make_protocol(name: str):
-    compat.apply()
     protocol = tfe.protocol.SecureNN() if name == "securenn" else tfe.protocol.ABY3()
     tfe.set_protocol(protocol)
     return protocol

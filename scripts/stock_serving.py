@@ -13,24 +13,18 @@ mix up concurrent clients (see README), so nothing else uses it.
 from __future__ import annotations
 
 import json
-import os
 import sys
 import time
-from pathlib import Path
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+import helpers  # noqa: F401 (first of all: tf-keras and the compatibility fixes)
+import numpy as np
+import tensorflow as tf
+import tf_encrypted as tfe
 
-import numpy as np  # noqa: E402
-import tensorflow as tf  # noqa: E402
-import tf_encrypted as tfe  # noqa: E402
-
-from helpers import compat  # noqa: E402
-from helpers.models import seed_cnn  # noqa: E402
+from helpers.models import seed_cnn
 
 
 def connect(config: str, batch: int):
-    compat.apply()  # the tf.Dimension shim, without which sharing fails
     remote = tfe.RemoteConfig.load(config)
     tfe.set_config(remote)
     remote.connect_servers()

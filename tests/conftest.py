@@ -21,22 +21,20 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 def processes_of_run(home: str):
     """PIDs of live processes started for this test run: workers, serving
     processes, clients and kernels all inherit TFE_HELPERS_HOME=<home...>."""
-    from helpers import processes
+    import psutil
 
     mine = {os.getpid(), os.getppid()}
     found = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit() or int(entry.name) in mine:
+    for process in psutil.process_iter():
+        if process.pid in mine:
             continue
         try:
-            environ = (entry / "environ").read_bytes().split(b"\0")
-        except OSError:
+            value = process.environ().get("TFE_HELPERS_HOME", "")
+            alive = process.status() != psutil.STATUS_ZOMBIE
+        except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
             continue
-        values = [e.split(b"=", 1)[1].decode(errors="replace") for e in environ
-                  if e.startswith(b"TFE_HELPERS_HOME=")]
-        if values and values[0].startswith(home) and \
-                processes.process_start_time(int(entry.name)) is not None:
-            found.append(int(entry.name))
+        if alive and value.startswith(home):
+            found.append(process.pid)
     return found
 
 

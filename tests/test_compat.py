@@ -1,53 +1,162 @@
-"""Each shim in helpers.compat has a test that fails without it.
+"""Each fix in helpers.compat has a test that fails without it.
 
-The checks run in a fresh interpreter, so the shim state of this test
-process (which may have applied it already) does not matter. They use
-TF Encrypted's in-process LocalConfig, which is fine for a unit test.
+The checks run in a fresh interpreter, so the state of this test process
+(which has every fix in place) does not matter. A fix is left out with
+TFE_HELPERS_SKIP_FIXES, which `compat.prepare` reads for exactly this. The
+private computations use TF Encrypted's in-process LocalConfig, which is
+fine for a unit test.
 """
-
-from conftest import run_python
-
-AVGPOOL_SCRIPT = """
 import os
-os.environ["TF_CPP_MIN_LOG_LEVEL"] = "3"
-import numpy as np, tensorflow as tf, tf_encrypted as tfe
-if {apply}:
-    from helpers import compat
-    compat.apply()
+import subprocess
+import sys
+
+import pytest
+
+from conftest import ROOT, run_python
+from helpers import compat
+
+
+def _run(code: str, skip: str = "", extra_env=None):
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
+    env.pop("TF_USE_LEGACY_KERAS", None)
+    env[compat.SKIP_ENV] = skip
+    env.update(extra_env or {})
+    return subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True,
+                          text=True, timeout=300, env=env)
+
+
+def test_every_fix_named_here_exists():
+    assert compat.applied() == ["pkg_resources", "onnx_mapping", "glob_stateful_parallelism",
+                                "install_randomness", "install_bit_split_and_gather",
+                                "tf_dimension", "round_when_encoding"]
+
+
+# -- import fixes ------------------------------------------------------------
+
+@pytest.mark.parametrize("fix, error", [
+    ("onnx_mapping", "No module named 'onnx.mapping'"),
+    ("glob_stateful_parallelism", "cannot import name 'glob_stateful_parallelism'"),
+])
+def test_tf_encrypted_does_not_import_without_the_import_fix(fix, error):
+    proc = _run("import helpers", skip=fix)
+    assert proc.returncode != 0
+    assert error in proc.stderr
+
+
+def test_tf_encrypted_imports_with_every_import_fix():
+    proc = _run("import helpers, tf_encrypted; print('ok', tf_encrypted.__name__)")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.split() == ["ok", "tf_encrypted"]
+
+
+# As setuptools 81 and later leave it: no pkg_resources at all.
+NO_PKG_RESOURCES = "import sys; sys.modules['pkg_resources'] = None\nimport helpers; print('ok')"
+
+
+def test_without_pkg_resources_tf_encrypted_does_not_import_without_the_fix():
+    proc = _run(NO_PKG_RESOURCES, skip="pkg_resources")
+    assert proc.returncode != 0
+    assert "pkg_resources" in proc.stderr
+
+
+def test_without_pkg_resources_tf_encrypted_imports_with_the_fix():
+    proc = _run(NO_PKG_RESOURCES)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.strip() == "ok"
+
+
+def test_importing_helpers_prints_nothing():
+    proc = _run("import helpers")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout == "" and proc.stderr == "", proc.stderr
+
+
+# -- Keras -------------------------------------------------------------------
+
+def test_keras_3_rejects_the_seed_models_batch_input_shape():
+    # Without tf-keras selected, tf.keras is Keras 3, and the models the tutorial
+    # shares (fixed batch_input_shape) cannot even be built.
+    proc = _run("import tensorflow as tf\n"
+                "tf.keras.layers.Conv2D(10, 3, batch_input_shape=(1, 28, 28, 1))")
+    assert proc.returncode != 0
+    assert "batch_input_shape" in proc.stderr
+
+
+def test_helpers_selects_tf_keras():
+    proc = _run("import helpers, tensorflow as tf\nprint(tf.keras.Sequential.__module__)")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.startswith("tf_keras.")
+
+
+def test_importing_helpers_after_keras_3_says_what_to_do():
+    proc = _run("import tensorflow as tf\ntf.keras.Sequential\nimport helpers")
+    assert proc.returncode != 0
+    assert "KerasModeError" in proc.stderr
+    assert "Import helpers before TensorFlow" in proc.stderr
+    assert "restart the kernel" in proc.stderr
+
+
+# -- what the compiled ops used to provide -------------------------------------
+
+SECURENN_SCRIPT = """
+import numpy as np, helpers, tensorflow as tf, tf_encrypted as tfe
 tfe.set_protocol(tfe.protocol.SecureNN())
 model = tf.keras.Sequential([tf.keras.layers.Conv2D(1, 1, batch_input_shape=(1, 4, 4, 1)),
-                             tf.keras.layers.AveragePooling2D(2)])
+                             tf.keras.layers.AveragePooling2D(2), tf.keras.layers.ReLU()])
 shared = tfe.keras.models.clone_model(model)
-x = np.arange(16, dtype=np.float64).reshape(1, 4, 4, 1) / 16
+x = np.arange(16, dtype=np.float64).reshape(1, 4, 4, 1) / 16 - 0.5
+y = shared(tfe.define_private_variable(x)).reveal().to_native().numpy()
+print("ok", float(np.abs(y - model(x).numpy()).max()))
+"""
+
+ABY3_SCRIPT = """
+import numpy as np, helpers, tensorflow as tf, tf_encrypted as tfe
+tfe.set_protocol(tfe.protocol.ABY3())
+model = tf.keras.Sequential([tf.keras.layers.Dense(4, batch_input_shape=(1, 4)),
+                             tf.keras.layers.ReLU()])
+shared = tfe.keras.models.clone_model(model)
+x = np.array([[0.5, -0.25, 1.0, -1.0]])
 y = shared(tfe.define_private_variable(x)).reveal().to_native().numpy()
 print("ok", float(np.abs(y - model(x).numpy()).max()))
 """
 
 
-def _run(apply: bool):
-    return run_python(AVGPOOL_SCRIPT.format(apply=apply), check=False)
+def _ok_with_small_error(proc, bound=1e-2):
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    status, error = proc.stdout.split()
+    assert status == "ok" and float(error) < bound, proc.stdout
 
+
+def test_securenn_fails_without_our_randomness():
+    proc = _run(SECURENN_SCRIPT, skip="install_randomness")
+    assert proc.returncode != 0
+    assert "'NoneType' object has no attribute 'secure_seed'" in proc.stderr
+
+
+def test_securenn_works_with_our_randomness():
+    _ok_with_small_error(_run(SECURENN_SCRIPT))
+
+
+def test_aby3_relu_fails_without_our_bit_split_and_gather():
+    proc = _run(ABY3_SCRIPT, skip="install_bit_split_and_gather")
+    assert proc.returncode != 0
+    assert "'NoneType' object has no attribute 'bit_split_and_gather'" in proc.stderr
+
+
+def test_aby3_relu_works_with_our_bit_split_and_gather():
+    _ok_with_small_error(_run(ABY3_SCRIPT))
+
+
+# -- TF Encrypted's own bugs ---------------------------------------------------
 
 def test_average_pooling_fails_without_the_tf_dimension_shim():
-    proc = _run(apply=False)
+    proc = _run(SECURENN_SCRIPT, skip="tf_dimension")
     assert proc.returncode != 0
     assert "has no attribute 'Dimension'" in proc.stderr
 
 
-def test_average_pooling_works_with_the_tf_dimension_shim():
-    proc = _run(apply=True)
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    status, error = proc.stdout.split()
-    assert status == "ok" and float(error) < 1e-2
-
-
 ENCODE_SCRIPT = """
-import os
-os.environ["TF_CPP_MIN_LOG_LEVEL"] = "3"
-import numpy as np, tensorflow as tf, tf_encrypted as tfe
-if {apply}:
-    from helpers import compat
-    compat.apply()
+import numpy as np, helpers, tensorflow as tf, tf_encrypted as tfe
 prot = tfe.protocol.SecureNN()
 scale = prot.fixedpoint_config.scaling_factor
 values = np.array([1.9, -1.9, 0.4, 2.6]) / scale
@@ -56,22 +165,19 @@ print(prot._encode(values, True).tolist(),
 """
 
 
-def _encode(apply: bool):
-    return run_python(ENCODE_SCRIPT.format(apply=apply)).stdout.strip()
-
-
 def test_encoding_truncates_toward_zero_without_the_rounding_shim():
-    assert _encode(apply=False) == "[1, -1, 0, 2] [1, -1, 0, 2]"
+    proc = _run(ENCODE_SCRIPT, skip="round_when_encoding")
+    assert proc.stdout.strip() == "[1, -1, 0, 2] [1, -1, 0, 2]", proc.stderr[-2000:]
 
 
 def test_encoding_rounds_to_nearest_with_the_rounding_shim():
-    assert _encode(apply=True) == "[2, -2, 0, 3] [2, -2, 0, 3]"
+    proc = _run(ENCODE_SCRIPT)
+    assert proc.stdout.strip() == "[2, -2, 0, 3] [2, -2, 0, 3]", proc.stderr[-2000:]
 
 
 ABY3_MASKS_SCRIPT = """
-import contextlib, os
-os.environ["TF_CPP_MIN_LOG_LEVEL"] = "3"
-import numpy as np, tensorflow as tf, tf_encrypted as tfe
+import contextlib
+import numpy as np, helpers, tensorflow as tf, tf_encrypted as tfe
 from helpers import compat
 prot = tfe.protocol.ABY3()
 tfe.set_protocol(prot)

@@ -68,7 +68,7 @@ def test_manual_start_prints_commands_and_times_out_naming_workers(capsys):
     with pytest.raises(StepTimeoutError, match="alice.*bob.*carol"):
         cluster.start(timeout=0.5)
     out = capsys.readouterr().out
-    assert "python -m tf_encrypted.player server0 --config config.json" in out
+    assert "python -m helpers.worker server0 --config config.json" in out
     assert f"localhost:{free[2]}" in out
 
 

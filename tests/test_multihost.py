@@ -91,7 +91,7 @@ def test_share_serve_and_query_across_three_hosts(three_hosts, tmp_path, seed_we
         with pytest.warns(UserWarning, match="not loopback"):
             cluster.start(timeout=120)
         printed = capsys.readouterr().out
-        assert "python -m tf_encrypted.player server1 --config config.json" in printed
+        assert "python -m helpers.worker server1 --config config.json" in printed
         assert f"{three_hosts[2][1]}:{port}" in printed
 
         env = dict(os.environ, HELPERS_DRIVER_HOST=BRIDGE_IP)
