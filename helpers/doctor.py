@@ -47,7 +47,7 @@ def check_versions() -> List[Check]:
               "" if python_ok else "use Python 3.11, 3.12 or 3.13 (see README.md, 'Set-up')"),
         Check("TensorFlow", True, f"{tf.__version__} ({_version('tensorflow-cpu', 'tensorflow')})"),
     ]
-    legacy = compat.keras_is_legacy(tf)
+    legacy = compat.keras_is_legacy()
     checks.append(Check("Keras mode", legacy,
                         f"{_version('tf-keras')} (the Keras 2 API)" if legacy else "Keras 3",
                         "" if legacy else "install tf-keras and import helpers before TensorFlow"))

@@ -176,5 +176,11 @@ def load(verbose: bool = True) -> Any:
         if _loaded is None:
             import tensorflow as tf
 
-            _loaded = tf.load_op_library(str(build(verbose=verbose)))
+            path = build(verbose=verbose)
+            try:
+                _loaded = tf.load_op_library(str(path))
+            except Exception as exc:  # e.g. undefined symbols: built against another TF
+                raise NativeBuildError(
+                    f"The secure-randomness op at {path} could not be loaded: {exc}. "
+                    f"Delete {path.parent} and import helpers again to rebuild it.") from exc
         return _loaded

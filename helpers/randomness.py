@@ -95,9 +95,12 @@ class FallbackRandomness:
 
         minval, maxval = tf.convert_to_tensor(minval), tf.convert_to_tensor(maxval)
         dtype = minval.dtype
-        # Philox takes a 128-bit seed pair: fold the 256-bit seed into it.
-        words = tf.bitcast(tf.reshape(tf.cast(seed, tf.int32), [4, 2]), tf.int64)
-        key = tf.bitwise.bitwise_xor(words[:2], words[2:])
+        # Philox takes a seed pair: fold every word of the 256-bit seed into it
+        # through Philox itself, so no two words can cancel out.
+        words = tf.cast(seed, tf.int32)
+        key = tf.cast(words[:2], tf.int64)
+        for i in range(2, SEED_WORDS):
+            key = tf.random.experimental.stateless_fold_in(key, words[i])
         wide = dtype if dtype in (tf.int32, tf.int64) else tf.int32
         drawn = tf.random.stateless_uniform(shape, key, minval=tf.cast(minval, wide),
                                             maxval=tf.cast(maxval, wide), dtype=wide)

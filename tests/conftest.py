@@ -15,7 +15,10 @@ ROOT = Path(__file__).resolve().parent.parent
 # leftover check covers these tests too.
 _home = tempfile.mkdtemp(prefix="tfe-helpers-tests-", dir=os.environ.get("TFE_HELPERS_HOME"))
 os.environ["TFE_HELPERS_HOME"] = _home
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+# Before any test module imports TensorFlow: helpers selects tf-keras and puts
+# its compatibility fixes in place, as in a reader's notebook.
+import helpers  # noqa: E402,F401
 
 
 def processes_of_run(home: str):
