@@ -6,7 +6,9 @@ so the notebooks can show the ideas:
 * `TFEWorker`, `TFECluster`: start, watch and stop three MPC workers.
 * `share`: secret-share a Keras model across them and `serve` it.
 * `TFEWorker.connect_to_model` / `query_model`: the private-prediction client.
+* `secret_share`: the client's additive secret sharing, for the notebooks' pictures.
 * `load_mnist`: MNIST without a download.
+* `setup_summary`: versions and the randomness source, for a setup cell.
 """
 # First of all, before anything imports TensorFlow or TF Encrypted: select
 # tf-keras, apply the compatibility fixes, and wire in our randomness.
@@ -14,8 +16,10 @@ from . import compat as _compat
 
 _compat.prepare()
 
+from .client import secret_share  # noqa: E402
 from .cluster import TFECluster, TFEWorker, read_config  # noqa: E402
 from .data import load_mnist  # noqa: E402
+from .doctor import summary as setup_summary  # noqa: E402
 from .errors import (  # noqa: E402
     ClusterError,
     ConfigError,
@@ -34,6 +38,7 @@ from .validation import InputRangeWarning  # noqa: E402
 
 __all__ = [
     "TFEWorker", "TFECluster", "read_config", "share", "SharedModel", "load_mnist",
+    "secret_share", "setup_summary",
     "cleanup_stale", "HelpersError", "ClusterError", "PortInUseError", "WorkerStartError", "WorkerDownError",
     "StepTimeoutError", "ConfigError", "KerasModeError", "NotConnectedError", "ServingStoppedError",
     "InputRangeWarning",

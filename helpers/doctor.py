@@ -149,6 +149,21 @@ def _check_op_on_workers(cluster, timeout: float) -> Check:
         "" if secure else "fix the randomness line above")
 
 
+def summary() -> str:
+    """Two lines on the set-up, for the notebooks' setup cell (`doctor` has the details)."""
+    import tensorflow as tf
+
+    from . import randomness
+
+    source = randomness.source()
+    versions = (f"TensorFlow {tf.__version__} with {_version('tf-keras')}, "
+                f"{_version('tf-encrypted')}, Python {platform.python_version()}")
+    if source.secure:
+        return f"{versions}\nRandomness: {source.describe()}"
+    return (f"{versions}\nRandomness: {source.describe()}. NOT SECURE: fine for learning, "
+            "not for real secrets. Run `python -m helpers doctor` to see why and how to fix it.")
+
+
 def run(with_workers: bool = True, out=None) -> int:
     """Run every check, print one line each; return 0 when all pass, else 1."""
     out = out or sys.stdout
