@@ -30,7 +30,7 @@ import numpy as np
 import tensorflow as tf
 from tensorflow.python.ops import gen_data_flow_ops
 
-from .mpc import PROTOCOLS, device_of, local_device, parties_of
+from .mpc import PROTOCOLS, device_of, local_device, parties_of, per_connection
 
 _TRACE = bool(os.environ.get("HELPERS_TRACE"))
 
@@ -257,9 +257,6 @@ def _prefix(model_name: str, protocol: str) -> str:
     return f"tfe-helpers/{model_name}/{protocol}"
 
 
-_count_each = None
-
-
 def _ready_queue(prefix: str) -> SharedQueue:
     # One element at most: "served" or nothing. On worker 0, like every public queue.
     return SharedQueue(device_of(0), f"{prefix}/ready", tf.string, [], 1)
@@ -270,17 +267,18 @@ def ready_queues(model_name: str) -> List[SharedQueue]:
     return [_ready_queue(_prefix(model_name, protocol)) for protocol in PROTOCOLS]
 
 
+def _count_each_graph(handles):
+    with tf.device(device_of(0)):
+        counts = [gen_data_flow_ops.queue_size_v2(handle) for handle in handles]
+    with tf.device(local_device()):
+        return tf.stack(counts)
+
+
 def served_protocols(ready: Sequence[SharedQueue]) -> List[str]:
     """The protocols under which the model of these `ready_queues` is served now."""
-    global _count_each
-    if _count_each is None:
-        def count_each(handles):
-            with tf.device(device_of(0)):
-                counts = [gen_data_flow_ops.queue_size_v2(handle) for handle in handles]
-            with tf.device(local_device()):
-                return tf.stack(counts)
-        _count_each = tf.function(count_each, autograph=False)
-    counts = _count_each([queue.handle for queue in ready]).numpy()
+    count_each = per_connection(
+        "channel.count_each", lambda: tf.function(_count_each_graph, autograph=False))
+    counts = count_each([queue.handle for queue in ready]).numpy()
     return [protocol for protocol, count in zip(PROTOCOLS, counts) if count > 0]
 
 

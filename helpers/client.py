@@ -129,7 +129,10 @@ class PrivateClient:
     def _connect(self, timeout: float) -> None:
         deadline = time.monotonic() + timeout
         during = "while connecting to the model"
-        mpc.connect(self.cluster, timeout, during=during)
+        # A client may start before the workers (they are someone else's):
+        # wait for them first, then for the model.
+        self.cluster.wait_until_answering(timeout, during)
+        mpc.connect(self.cluster, max(1.0, deadline - time.monotonic()), during=during)
         served: List[str] = []
         ready = ch.ready_queues(self.model_name)  # made once: each poll only counts
 
@@ -256,13 +259,10 @@ class Answer:
 def predict_each(x: np.ndarray, cluster, timeout: float = 300.0,
                  output_shape: Sequence[int] = (1, 10)) -> Iterator[Answer]:
     """Connect to the served model, then privately predict the images of ``x`` one by one."""
-    from .cluster import TFEWorker
-
-    worker = TFEWorker()
-    worker.connect_to_model((1, *x.shape[1:]), output_shape, cluster, timeout=timeout)
+    client = PrivateClient((1, *x.shape[1:]), output_shape, cluster)
+    client.connect(timeout=timeout)
     for i in range(len(x)):
         began = time.perf_counter()
-        logits = worker.query_model(x[i:i + 1], timeout=timeout)[0]
-        client = worker._client
+        logits = client.query(x[i:i + 1], timeout=timeout)[0]
         yield Answer(i, logits, time.perf_counter() - began, client.last_open_device,
                      client.protocol_name)

@@ -23,7 +23,8 @@ from collections import OrderedDict
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence
 
-from . import ports, processes
+from . import mpc, ports, processes
+from .client import PrivateClient
 from .errors import (
     ConfigError,
     NotConnectedError,
@@ -87,13 +88,13 @@ class TFEWorker:
     def connect_to_model(self, input_shape: Sequence[int], output_shape: Sequence[int],
                          cluster: "TFECluster", timeout: float = 120.0,
                          model_name: str = "model") -> None:
-        """Connect to a model served on ``cluster`` (waits until it is served).
+        """Connect to a model served on ``cluster``, waiting up to ``timeout`` s.
 
-        Raises `StepTimeoutError` if no model is served within ``timeout`` s,
-        and `WorkerDownError` if a worker does not answer.
+        The client may start before the workers and before the model is
+        served: it waits for both, saying what it waits for. At the timeout
+        it raises `WorkerDownError` naming the workers that never answered,
+        or `StepTimeoutError` if they answer but no model was served.
         """
-        from .client import PrivateClient
-
         if self._client is not None:
             self._client.close()
         client = PrivateClient(input_shape, output_shape, cluster, model_name=model_name)
@@ -368,9 +369,13 @@ class TFECluster:
         """Stop the workers this cluster started: SIGTERM, SIGKILL after ``grace`` s.
 
         Safe to call twice. A cluster attached with `load` or started by hand
-        leaves the worker processes alone.
+        leaves the worker processes alone. Either way, a process connected to
+        these workers leaves them first, while they still answer (see
+        `mpc.disconnect`).
         """
         verbose = self.verbose if verbose is None else verbose
+        if mpc.is_connected_to(self):
+            mpc.disconnect()
         for path in self._saved_to:
             try:
                 path.unlink()
@@ -412,6 +417,31 @@ class TFECluster:
     def pids(self) -> Dict[str, int]:
         """Role -> PID of the worker processes this cluster launched."""
         return {role: info["pid"] for role, info in self._pid_info.items()}
+
+    def wait_until_answering(self, timeout: float, during: str, progress: bool = True) -> None:
+        """Wait until every worker answers, up to ``timeout`` s.
+
+        For a client started before the workers: it says every 5 s which
+        workers it still waits for, and at the timeout raises
+        `WorkerDownError` naming the workers that never answered.
+        """
+        start = time.monotonic()
+        last_report = None
+        while True:
+            missing = [(w.name, w.host) for w in self.workers
+                       if not ports.answers(*ports.split_host(w.host), timeout=1.0)]
+            if not missing:
+                if last_report is not None and progress:
+                    print(f"  all 3 workers answer ({time.monotonic() - start:.0f} s)", flush=True)
+                return
+            now = time.monotonic()
+            if now - start >= timeout:
+                raise WorkerDownError.never_answered(missing, during, now - start)
+            if progress and (last_report is None or now - last_report >= 5.0):
+                print("  waiting for " + ", ".join(name for name, _ in missing)
+                      + f" to answer ... {now - start:.0f} s", flush=True)
+                last_report = now
+            time.sleep(min(0.25, max(0.0, timeout - (now - start))))
 
     def check(self, during: str = "right now") -> None:
         """Raise `WorkerDownError` naming the first worker that does not answer."""

@@ -79,6 +79,83 @@ def _check_keras_mode() -> None:
             "(`pip install tf-keras`, the version matching your TensorFlow).")
 
 
+# -- TensorFlow's noise when workers are gone ---------------------------------
+
+# The filter runs in a small process of its own, so it outlives every Python
+# thread of ours: TensorFlow prints these lines while the interpreter shuts
+# down. It passes every other byte through unchanged and exits when the last
+# writer closes the pipe (the process and any child that inherited it).
+_STDERR_FILTER = r"""
+import sys
+NOISE = (b"Failed to remove function remotely", b"Unable to close remote context")
+FOLLOW = (b"This could happen if the remote target", b"Additional GRPC error information",
+          b":{", b"{", b" ", b"\t")
+# absl's notice before the first C++ log line: kept unless noise follows it.
+NOTICE = b"All log messages before absl::InitializeLog() is called"
+dropping = False
+held = None
+out = sys.stdout.buffer
+for line in sys.stdin.buffer:
+    if any(mark in line for mark in NOISE):
+        dropping, held = True, None
+        continue
+    if dropping and line.startswith(FOLLOW):
+        continue
+    dropping = False
+    if held is not None:
+        out.write(held)
+        held = None
+    if NOTICE in line:
+        held = line
+        continue
+    out.write(line)
+    out.flush()
+if held is not None:
+    out.write(held)
+out.flush()
+"""
+_filter_process = None
+
+
+def quiet_disconnect_noise() -> None:
+    """Keep TensorFlow's "workers are gone" lines out of this process's stderr.
+
+    TensorFlow problem: a process that was connected to workers which have
+    since stopped prints, as it lets go of traced functions or exits,
+    ``Failed to remove function remotely due to Socket closed`` or ``Unable
+    to close remote context ... failed to connect to all addresses`` with a
+    gRPC error blob, at ERROR level from C++. Closing our connection first
+    (`mpc.disconnect`) is not enough: functions made on the old connection
+    still try to reach the workers when they are freed, which can be at
+    exit. These lines say only that the workers are gone, which the process
+    that stopped them knows; a worker that dies unexpectedly is reported by
+    our own errors (`WorkerDownError`). So only those lines, and the lines
+    that continue them, are dropped; every other line passes through.
+
+    Used by our command line and scripts, whose stderr a reader reads. Not in
+    notebook kernels: their C++ output goes to the Jupyter server's console.
+    """
+    global _filter_process
+    if _filter_process is not None or os.name != "posix":
+        return
+    import subprocess
+
+    sys.stderr.flush()
+    read_end, write_end = os.pipe()
+    original = os.dup(2)
+    try:
+        # A session of its own: Ctrl-C must not end it before our own last words.
+        _filter_process = subprocess.Popen(
+            [sys.executable, "-S", "-c", _STDERR_FILTER], stdin=read_end, stdout=original,
+            stderr=subprocess.DEVNULL, start_new_session=True)
+        os.dup2(write_end, 2)
+    except OSError:
+        pass  # no filter: the lines stay visible, nothing else changes
+    finally:
+        for fd in (read_end, write_end, original):
+            os.close(fd)
+
+
 # -- import fixes: before TF Encrypted is imported -----------------------------
 
 def _glob_stateful_parallelism() -> None:

@@ -31,10 +31,24 @@ class WorkerDownError(HelpersError):
     def __init__(self, name: str, host: str, during: str) -> None:
         self.worker = name
         self.host = host
+        self.workers = [(name, host)]
         super().__init__(
             f"worker {name} ({host}) is not answering {during}. Is it running? "
             "Check its log (cluster.logs()), or start the cluster again."
         )
+
+    @classmethod
+    def never_answered(cls, workers, during: str, waited: float) -> "WorkerDownError":
+        """Several workers, ``[(name, host), ...]``, that did not answer in ``waited`` s."""
+        error = cls.__new__(cls)
+        error.workers = list(workers)
+        error.worker, error.host = error.workers[0]
+        names = ", ".join(f"{name} ({host})" for name, host in error.workers)
+        HelpersError.__init__(
+            error, f"{'worker' if len(error.workers) == 1 else 'workers'} {names} never answered "
+            f"within {waited:.0f} s {during}. Are they running? Start them (notebook 02, or "
+            "`python -m helpers start`), or pass a larger timeout.")
+        return error
 
 
 class ClusterError(HelpersError):

@@ -22,6 +22,7 @@ T = TypeVar("T")
 PROTOCOLS = ("securenn", "aby3")
 _connected_hostmap: Optional[dict] = None
 _protocols: dict = {}
+_per_connection: dict = {}
 
 
 def local_device() -> str:
@@ -73,6 +74,7 @@ def connect(cluster, timeout: float, during: str, protocol: str = "securenn"):
         _connect_to(hostmap, timeout, during)
         _connected_hostmap = hostmap
         _protocols.clear()
+        _per_connection.clear()
     if protocol not in _protocols:
         # ABY3 draws its key material on the workers when it is made.
         _protocols[protocol] = call_with_timeout(_PROTOCOL_CLASSES[protocol], timeout,
@@ -81,6 +83,50 @@ def connect(cluster, timeout: float, during: str, protocol: str = "securenn"):
     instance = _protocols[protocol]
     tfe.set_protocol(instance)
     return instance
+
+
+def per_connection(key: str, make: Callable[[], T]) -> T:
+    """``make()``, made once per connection to the workers and kept until `disconnect`.
+
+    For traced functions and queue handles that belong to one connection.
+    """
+    if key not in _per_connection:
+        _per_connection[key] = make()
+    return _per_connection[key]
+
+
+def is_connected_to(cluster) -> bool:
+    """True when this process's TensorFlow is connected to ``cluster``'s workers."""
+    try:
+        return _connected_hostmap is not None and _connected_hostmap == dict(cluster.hostmap)
+    except RuntimeError:  # workers without addresses: never connected
+        return False
+
+
+def disconnect(timeout: float = 10.0) -> None:
+    """Leave the workers cleanly, while they still run.
+
+    TensorFlow keeps a context on every worker for each connected process,
+    and registers each traced function there. When a worker goes first, the
+    process later prints "Unable to close remote context" or "Failed to
+    remove function remotely" when it exits or lets go of a function. So the
+    process that stops its workers calls this first: a fresh local eager
+    context closes the remote ones and removes the functions while the
+    workers can still answer. Everything made on the old connection
+    (protocols, queues, traced functions) is dropped with it.
+    """
+    global _connected_hostmap
+    if _connected_hostmap is None:
+        return
+    from tensorflow.python.eager import context
+
+    _connected_hostmap = None
+    _protocols.clear()
+    _per_connection.clear()
+    try:
+        call_with_timeout(context._reset_context, timeout, "closing the connection to the workers")
+    except StepTimeoutError:
+        pass  # a worker that no longer answers: nothing left to close cleanly
 
 
 def _securenn():

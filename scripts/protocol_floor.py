@@ -20,7 +20,7 @@ import json
 import sys
 import time
 
-import helpers  # noqa: F401 (first of all: tf-keras and the compatibility fixes)
+import helpers  # first of all: tf-keras and the compatibility fixes
 import numpy as np
 import tensorflow as tf
 import tf_encrypted as tfe
@@ -104,4 +104,5 @@ def main() -> int:
 
 
 if __name__ == "__main__":
+    helpers.compat.quiet_disconnect_noise()  # TensorFlow's lines once workers are gone
     sys.exit(main())

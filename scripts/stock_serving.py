@@ -16,7 +16,7 @@ import json
 import sys
 import time
 
-import helpers  # noqa: F401 (first of all: tf-keras and the compatibility fixes)
+import helpers  # first of all: tf-keras and the compatibility fixes
 import numpy as np
 import tensorflow as tf
 import tf_encrypted as tfe
@@ -60,6 +60,7 @@ def client(config: str, batch: int, requests: int) -> None:
 
 
 if __name__ == "__main__":
+    helpers.compat.quiet_disconnect_noise()  # TensorFlow's lines once workers are gone
     tf.get_logger().setLevel("ERROR")
     role, args = sys.argv[1], sys.argv[2:]
     if role == "server":

@@ -208,3 +208,63 @@ def test_traced_aby3_reuses_its_masks_without_the_fresh_randomness_shim():
 
 def test_traced_aby3_draws_new_masks_on_every_call_with_the_shim():
     assert _aby3_masks(apply=True) == "fresh eager-ok"
+
+
+# -- TensorFlow's noise once the workers are gone --------------------------------
+
+CLIENT_OUTLIVES_WORKERS = """
+import os, sys
+import numpy as np
+import helpers
+from helpers import TFECluster, TFEWorker, compat
+if sys.argv[2] == "quiet":
+    compat.quiet_disconnect_noise()
+cluster = TFECluster.load(sys.argv[1], timeout=60, verbose=False)
+client = TFEWorker()
+client.connect_to_model((1, 28, 28, 1), (1, 10), cluster, timeout=120)
+client.query_model(np.zeros((1, 28, 28, 1)))
+print("answered", flush=True)
+sys.stdin.readline()  # the test stops the workers, then says go
+os.write(2, b"E0000 a real error line must still be shown\\n")
+print("done", flush=True)
+"""
+
+
+def _client_outliving_its_workers(tmp_path, seed_weights, mode: str) -> str:
+    from conftest import spawn_helpers
+    from helpers import TFECluster, TFEWorker
+
+    config = tmp_path / "cluster.json"
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
+    with TFECluster(TFEWorker(), TFEWorker(), TFEWorker(), verbose=False) as cluster:
+        cluster.save(config)
+        server = spawn_helpers("serve", "--config", config, "--weights", seed_weights,
+                               "--requests", 1, "--timeout", 120)
+        client = subprocess.Popen([sys.executable, "-c", CLIENT_OUTLIVES_WORKERS, str(config), mode],
+                                  cwd=ROOT, env=env, stdin=subprocess.PIPE,
+                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        try:
+            assert client.stdout.readline().strip() == "answered", client.stderr.read()[-2000:]
+            server.communicate(timeout=120)
+        finally:
+            if server.poll() is None:
+                server.kill()
+                server.wait()
+    # The workers are gone; the client lives on, then exits.
+    out, err = client.communicate("go\n", timeout=120)
+    assert out.strip() == "done", err[-2000:]
+    return err
+
+
+@pytest.mark.integration
+def test_tensorflow_prints_noise_when_a_client_outlives_the_workers(tmp_path, seed_weights):
+    assert "Failed to remove function remotely" in _client_outliving_its_workers(
+        tmp_path, seed_weights, "plain")
+
+
+@pytest.mark.integration
+def test_the_noise_filter_drops_only_that_noise(tmp_path, seed_weights):
+    err = _client_outliving_its_workers(tmp_path, seed_weights, "quiet")
+    assert "Failed to remove function remotely" not in err
+    assert "This could happen if the remote target" not in err
+    assert "E0000 a real error line must still be shown" in err
