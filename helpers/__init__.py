@@ -31,6 +31,7 @@ from .errors import (  # noqa: E402
     StepTimeoutError,
     WorkerDownError,
     WorkerStartError,
+    WorkerStuckError,
 )
 from .processes import cleanup_stale  # noqa: E402
 from .serving import SharedModel, share  # noqa: E402
@@ -40,6 +41,6 @@ __all__ = [
     "TFEWorker", "TFECluster", "read_config", "share", "SharedModel", "load_mnist",
     "secret_share", "setup_summary",
     "cleanup_stale", "HelpersError", "ClusterError", "PortInUseError", "WorkerStartError", "WorkerDownError",
-    "StepTimeoutError", "ConfigError", "KerasModeError", "NotConnectedError", "ServingStoppedError",
+    "StepTimeoutError", "WorkerStuckError", "ConfigError", "KerasModeError", "NotConnectedError", "ServingStoppedError",
     "InputRangeWarning",
 ]

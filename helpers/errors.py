@@ -59,6 +59,14 @@ class StepTimeoutError(HelpersError, TimeoutError):
     """A step did not finish within its timeout."""
 
 
+class WorkerStuckError(StepTimeoutError):
+    """A worker accepts connections but a call to it never returns."""
+
+    def __init__(self, workers, message: str) -> None:
+        self.workers = list(workers)
+        super().__init__(message)
+
+
 class ConfigError(HelpersError):
     """A cluster config file is missing, unreadable or malformed."""
 

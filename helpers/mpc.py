@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 import threading
 from collections import OrderedDict
-from typing import Callable, Optional, TypeVar
+from typing import Callable, List, Optional, TypeVar
 
 import tensorflow as tf
 import tf_encrypted as tfe
@@ -23,6 +23,7 @@ PROTOCOLS = ("securenn", "aby3")
 _connected_hostmap: Optional[dict] = None
 _protocols: dict = {}
 _per_connection: dict = {}
+_DRIVER_PORT_ATTEMPTS = 3
 
 
 def local_device() -> str:
@@ -157,10 +158,57 @@ def _connect_to(hostmap: dict, timeout: float, during: str) -> None:
     # on the workers' network.
     from .ports import free_ports
 
-    driver = f"{os.environ.get('HELPERS_DRIVER_HOST', 'localhost')}:{free_ports(1)[0]}"
-    spec = tf.train.ClusterSpec({"tfe": list(hostmap.values()), "localhost": [driver]})
-    call_with_timeout(lambda: tf.config.experimental_connect_to_cluster(spec, job_name="localhost"),
-                      timeout, f"connecting to the workers ({during})")
+    # The port is free when we pick it, but another process may take it before
+    # TensorFlow binds it ("a probably-open port"): then pick another.
+    for attempt in range(1, _DRIVER_PORT_ATTEMPTS + 1):
+        driver = f"{os.environ.get('HELPERS_DRIVER_HOST', 'localhost')}:{free_ports(1)[0]}"
+        spec = tf.train.ClusterSpec({"tfe": list(hostmap.values()), "localhost": [driver]})
+        try:
+            call_with_timeout(
+                lambda: tf.config.experimental_connect_to_cluster(spec, job_name="localhost"),
+                timeout, f"connecting to the workers ({during})")
+            return
+        except (tf.errors.OpError, RuntimeError, ValueError) as exc:
+            taken = "in use" in str(exc).lower() or "could not start grpc server" in str(exc).lower()
+            if not taken or attempt == _DRIVER_PORT_ATTEMPTS:
+                raise
+
+
+def _probe_graph(party: int, value):
+    with tf.device(device_of(party)):
+        # From an argument, so it cannot be folded into a constant here:
+        # the worker itself must compute it.
+        answer = value + 1
+    with tf.device(local_device()):
+        return tf.identity(answer)
+
+
+def unresponsive_workers(cluster, wait: float = 5.0) -> List[str]:
+    """Names of the workers that do not run a tiny computation within ``wait`` s.
+
+    For naming a stuck worker: one that accepts connections (so a TCP check
+    passes) but does not respond. The three probes run at once; a probe of a
+    stuck worker stays behind in its daemon thread.
+    """
+    results: dict = {}
+
+    def probe(party: int) -> None:
+        traced = per_connection(f"mpc.probe.{party}", lambda: tf.function(
+            lambda value: _probe_graph(party, value), autograph=False))
+        try:
+            call_with_timeout(lambda: traced(tf.constant(party)).numpy(), wait,
+                              f"probing worker {party}")
+            results[party] = True
+        except Exception:
+            results[party] = False
+
+    threads = [threading.Thread(target=probe, args=(party,), daemon=True) for party in range(3)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(wait + 1.0)
+    return [worker.name for party, worker in enumerate(cluster.workers)
+            if not results.get(party, False)]
 
 
 def parties_of(protocol: str) -> int:

@@ -1,9 +1,10 @@
 """Secret-share a Keras model across a cluster and serve private predictions."""
 from __future__ import annotations
 
+import threading
 import time
 import uuid
-from typing import Optional
+from typing import Callable, Optional, TypeVar
 
 import numpy as np
 import tensorflow as tf
@@ -14,7 +15,9 @@ from tf_encrypted.protocol.pond import PondPrivateTensor
 
 from . import channel as ch
 from . import compat, mpc
-from .errors import ServingStoppedError, StepTimeoutError
+from .errors import ClusterError, ServingStoppedError, StepTimeoutError, WorkerStuckError
+
+T = TypeVar("T")
 
 SUPPORTED_LAYERS = {"Conv2D", "AveragePooling2D", "ReLU", "Activation", "Flatten", "Dense",
                     "InputLayer"}
@@ -27,6 +30,12 @@ _ACK_WAIT = 30.0        # how long the last answers may take to reach their clie
 _CACHED_CLIENTS = 64    # queue handles kept for the most recent clients
 _SHARE_WAIT = 10.0      # how long a ticket's input shares may take to show up
 _PROTOCOL_TITLES = {"securenn": "SecureNN", "aby3": "ABY3"}
+# One call to the workers (a look at the queues, or one private computation)
+# that takes longer than this means a worker is stuck. The slowest call we
+# make, ABY3 at batch 100, takes about 3 s on 2 cores.
+STUCK_AFTER = 30.0
+_WATCH_EVERY = 0.25     # how often serve() looks at its helper thread
+_INTERRUPT_GRACE = 10.0  # how long the request in progress may take after an interrupt
 
 
 def _check_model(model: tf.keras.Model) -> None:
@@ -67,6 +76,9 @@ class SharedModel:
         self.input_shape = tuple(model.input_shape)
         self.output_shape = tuple(model.output_shape)
         self._stopped = False
+        self._stuck = False
+        self._loop = None
+        self._loop_thread = None
         self.served = 0
         self._client_queues: dict = {}
         start = time.monotonic()
@@ -144,40 +156,102 @@ class SharedModel:
         # (before set_weights), so it would show the initial weights' share.
         return share.read_value().value.numpy()
 
-    def serve(self, num_requests: Optional[int] = None, timeout: Optional[float] = None) -> int:
+    def serve(self, num_requests: Optional[int] = None, timeout: Optional[float] = None,
+              stuck_after: float = STUCK_AFTER) -> int:
         """Answer ``num_requests`` private requests (all, if None, until `stop()`).
 
         ``timeout`` bounds the whole call in seconds; None waits for requests
         as long as it takes. Prints one line per request. Returns how many
         requests were answered. Raises `WorkerDownError` naming a worker that
-        stops answering, and `StepTimeoutError` when ``timeout`` runs out.
+        stops answering, `StepTimeoutError` when ``timeout`` runs out, and
+        `WorkerStuckError` naming the worker when one call to the workers
+        takes longer than ``stuck_after`` s (a worker that is up but stuck
+        still accepts connections, so only the wait itself shows it).
+
+        The requests are answered in a helper thread while this one watches
+        it, so an interrupt (Ctrl-C, or Interrupt in a notebook) always gets
+        through: the request in progress is finished, `KeyboardInterrupt` is
+        raised, and you can call `serve()` again, or `stop()`.
         """
         if self._stopped:
             raise ServingStoppedError("this model's serving was stopped; share it again to serve")
         if num_requests is not None and num_requests < 0:
             raise ValueError(f"num_requests must be >= 0, got {num_requests}")
+        if stuck_after <= 0:
+            raise ValueError(f"stuck_after must be > 0 seconds, got {stuck_after}")
+        self._check_not_stuck()
+        self._let_previous_loop_finish()
         deadline = None if timeout is None else time.monotonic() + timeout
+        loop = _ServingLoop(self, num_requests, deadline, timeout)
+        self._loop = loop
+        thread = threading.Thread(target=loop.run, name="helpers: serving", daemon=True)
+        self._loop_thread = thread
+        thread.start()
+        try:
+            while thread.is_alive():
+                thread.join(_WATCH_EVERY)  # a join with a timeout lets an interrupt through
+                if loop.busy_for() > stuck_after:
+                    loop.abandon()
+                    self._stuck = True
+                    raise self._stuck_error(stuck_after)
+        except KeyboardInterrupt:
+            loop.finish_soon()
+            thread.join(_INTERRUPT_GRACE)  # the request in progress takes well under that
+            if self.verbose:
+                print(f"Interrupted after answering {loop.answered} request(s). Run serve() "
+                      "again to go on, or stop() and the cluster's stop() to finish.")
+            raise
+        if loop.error is not None:
+            raise loop.error
+        return loop.answered
+
+    def _check_not_stuck(self) -> None:
+        if self._stuck:
+            raise ClusterError("an earlier call to the workers never returned (a worker is "
+                               "stuck): stop the cluster and start it again, then share the "
+                               "model again")
+
+    def _let_previous_loop_finish(self) -> None:
+        """After an interrupt, the old loop ends with its current call; wait for that."""
+        previous = self._loop_thread
+        if previous is not None and previous.is_alive():
+            previous.join(_INTERRUPT_GRACE)
+            if previous.is_alive():
+                raise ClusterError("the previous serve() is still inside a call to the "
+                                   "workers; wait a moment and try again, or stop()")
+
+    def _stuck_error(self, stuck_after: float) -> WorkerStuckError:
+        names = mpc.unresponsive_workers(self.cluster)
+        who = ", ".join(names) if names else "a worker (all answered a check afterwards)"
+        return WorkerStuckError(
+            names, f"serve() gave up: a call to the workers did not return within "
+                   f"{stuck_after:.0f} s. Not responding: {who}. A worker that accepts "
+                   "connections but does not respond is stopped or overloaded: check it "
+                   "(`python -m helpers status`), then stop the cluster and start it again.")
+
+    def _serve_requests(self, loop: "_ServingLoop") -> None:
+        """The serving loop itself; runs in the helper thread of `serve`."""
+        num_requests, deadline = loop.num_requests, loop.deadline
         channel = self.channel
-        answered = 0
         waiting_acks = 0
         last_health = 0.0
         idle = ch.Backoff(first=0.001, longest=_IDLE_POLL_MAX)
         last_answer = float("-inf")
-        channel.announce()
+        loop.call(channel.announce)
         if self.verbose:
             total = "until stopped" if num_requests is None else f"{num_requests} requests"
-            print(f"Serving {total} ...")
+            print(f"Serving {total} ...", flush=True)
         try:
-            while num_requests is None or answered < num_requests:
-                if self._stopped:
+            while num_requests is None or loop.answered < num_requests:
+                if self._stopped or loop.finishing:
                     break
-                client_id = channel.take_ticket()
+                client_id = loop.call(channel.take_ticket)
                 if client_id is None:
                     now = time.monotonic()
                     if deadline is not None and now >= deadline:
                         raise StepTimeoutError(
-                            f"serve() answered {answered} of {num_requests} requests before its "
-                            f"timeout of {timeout:.0f} s. Are the clients running?")
+                            f"serve() answered {loop.answered} of {num_requests} requests "
+                            f"before its timeout of {loop.timeout:.0f} s. Are the clients running?")
                     if now - last_health >= _HEALTH_EVERY:
                         self.cluster.check(during="while serving")
                         last_health = now
@@ -189,27 +263,27 @@ class SharedModel:
                 started = time.monotonic()
                 inputs, outputs = self._queues_of(client_id)
                 ch.trace(f"server: ticket {client_id}")
-                if not self._shares_arrive(inputs):
+                if not self._shares_arrive(inputs, loop):
                     # A dequeue would block forever; the client will time out.
                     print(f"  skipped a request whose input shares did not arrive "
                           f"within {_SHARE_WAIT:.0f} s")
                     continue
-                self._answer(inputs, outputs)
+                loop.call(lambda: self._answer(inputs, outputs))
                 last_answer = time.monotonic()
-                answered += 1
+                loop.answered += 1
                 waiting_acks += 1
                 self.served += 1
                 if self.verbose:
                     print(f"  request {self.served:>3} answered in "
-                          f"{(last_answer - started) * 1000:.0f} ms")
+                          f"{(last_answer - started) * 1000:.0f} ms", flush=True)
                 if waiting_acks >= _ACK_BATCH:
-                    waiting_acks -= channel.take_acks()
+                    waiting_acks -= loop.call(channel.take_acks)
         except tf.errors.OpError as exc:
             self._raise_worker_problem(exc, "while serving")
-        self._wait_for_acks(waiting_acks)
-        return answered
+        if not loop.finishing:
+            self._wait_for_acks(waiting_acks, loop)
 
-    def _shares_arrive(self, inputs) -> bool:
+    def _shares_arrive(self, inputs, loop: "_ServingLoop") -> bool:
         """Check (waiting a bounded time) that all input shares of a ticket are queued.
 
         Clients queue their shares before their ticket, so this is a single
@@ -217,7 +291,7 @@ class SharedModel:
         """
         deadline = time.monotonic() + _SHARE_WAIT
         backoff = ch.Backoff()
-        while not self.channel.all_waiting(inputs):
+        while not loop.call(lambda: self.channel.all_waiting(inputs)):
             if time.monotonic() >= deadline:
                 return False
             backoff.pause()
@@ -233,13 +307,13 @@ class SharedModel:
             self._client_queues.pop(next(iter(self._client_queues)))
         return queues
 
-    def _wait_for_acks(self, waiting: int) -> None:
+    def _wait_for_acks(self, waiting: int, loop: "_ServingLoop") -> None:
         """Keep the workers needed until every answered client holds its answer."""
         deadline = time.monotonic() + _ACK_WAIT
         try:
             backoff = ch.Backoff(first=0.005, longest=0.1)
-            while waiting > 0 and time.monotonic() < deadline:
-                waiting -= self.channel.take_acks()
+            while waiting > 0 and time.monotonic() < deadline and not loop.finishing:
+                waiting -= loop.call(self.channel.take_acks)
                 if waiting > 0:
                     backoff.pause()
         except tf.errors.OpError as exc:
@@ -256,12 +330,66 @@ class SharedModel:
         if self._stopped:
             return
         self._stopped = True
+        if self._loop is not None:
+            self._loop.finish_soon()  # a loop left running (interrupted) ends after its call
+        if self._loop_thread is not None and self._loop_thread.is_alive() and not self._stuck:
+            self._loop_thread.join(_INTERRUPT_GRACE)
         try:
             mpc.call_with_timeout(self.channel.withdraw, 10.0, "withdrawing the model")
         except Exception:  # workers already gone: nothing left to withdraw
             pass
         if self.verbose:
             print(f"Stopped serving after {self.served} requests.")
+
+
+class _ServingLoop:
+    """The state of one `SharedModel.serve` call, shared by its two threads.
+
+    The helper thread answers requests; the caller's thread watches how long
+    the current call to the workers has been running, and can ask the loop
+    to finish after that call (an interrupt) or give up on it (a stuck worker).
+    """
+
+    def __init__(self, model: SharedModel, num_requests: Optional[int],
+                 deadline: Optional[float], timeout: Optional[float]) -> None:
+        self.model = model
+        self.num_requests = num_requests
+        self.deadline = deadline
+        self.timeout = timeout
+        self.answered = 0
+        self.error: Optional[BaseException] = None
+        self.finishing = False
+        self._abandoned = False
+        self._call_started: Optional[float] = None
+
+    def run(self) -> None:
+        try:
+            self.model._serve_requests(self)
+        except BaseException as exc:  # handed to the watching thread
+            if not self._abandoned:
+                self.error = exc
+
+    def call(self, fn: Callable[[], T]) -> T:
+        """Run one call to the workers, timed so the watcher can see a stuck one."""
+        self._call_started = time.monotonic()
+        try:
+            return fn()
+        finally:
+            self._call_started = None
+
+    def busy_for(self) -> float:
+        """Seconds the current call to the workers has been running (0 between calls)."""
+        started = self._call_started
+        return 0.0 if started is None else time.monotonic() - started
+
+    def finish_soon(self) -> None:
+        """Stop after the call in progress (on an interrupt)."""
+        self.finishing = True
+
+    def abandon(self) -> None:
+        """Give up on a call that never returns; the loop ends if it ever does."""
+        self.finishing = True
+        self._abandoned = True
 
 
 def share(model: tf.keras.Sequential, cluster, name: str = "model", timeout: float = 120.0,

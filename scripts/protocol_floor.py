@@ -38,9 +38,17 @@ def make_protocol(name: str):
     return protocol
 
 
+# Classes must agree wherever plaintext's top two logits are further apart
+# than this: ten times the largest fixed-point error seen on the seed CNN
+# (1.4e-2, see README). Nearer ties may flip either way and say nothing
+# about the computation, so they are counted but not held against it.
+TIE_MARGIN = 0.14
+
+
 def floor_figures(name: str, batch: int, weights, repeats: int, images: np.ndarray) -> dict:
     """Time the forward pass on ``images[:batch]`` and check it against plaintext."""
     protocol = make_protocol(name)
+    tf.keras.utils.set_random_seed(0)  # without weights: the same initial weights every run
     model = seed_cnn(batch_size=batch)
     if weights:
         model.load_weights(weights)
@@ -68,10 +76,14 @@ def floor_figures(name: str, batch: int, weights, repeats: int, images: np.ndarr
     outputs = step(*shares)
     trace_s = time.perf_counter() - started
     logits = decode(tf.add_n(outputs), scaling)
-    agree = int(np.sum(logits.argmax(1) == expected.argmax(1)))
-    if agree != batch:
-        raise SystemExit(f"{name} batch {batch}: private and plaintext classes differ "
-                         f"({agree}/{batch} agree); the figures would be meaningless")
+    same = logits.argmax(1) == expected.argmax(1)
+    top_two = np.sort(expected, axis=1)[:, -2:]
+    clear = (top_two[:, 1] - top_two[:, 0]) > TIE_MARGIN
+    if not same[clear].all():
+        raise SystemExit(f"{name} batch {batch}: private and plaintext classes differ on "
+                         f"{int((~same[clear]).sum())} of {int(clear.sum())} images with a clear "
+                         "top class; the figures would be meaningless")
+    agree = int(same.sum())
     times = []
     for _ in range(repeats):
         started = time.perf_counter()
@@ -81,6 +93,7 @@ def floor_figures(name: str, batch: int, weights, repeats: int, images: np.ndarr
     median = float(np.median(times))
     return {"protocol": name, "batch": batch, "median_s": median, "min_s": min(times),
             "images_per_s": batch / median, "first_call_s": trace_s, "agree": agree,
+            "clear": int(clear.sum()),
             "max_logit_diff": float(np.abs(logits - expected).max())}
 
 

@@ -183,3 +183,115 @@ def test_a_worker_that_is_up_but_stuck_gives_a_timeout_not_a_hang(tmp_path):
     assert "did not return within 20 s" in result[0] and "python -m helpers status" in result[0]
     seconds = int(result[0].split()[2])
     assert 18 <= seconds <= 40, result[0]
+
+
+STUCK_SERVER = textwrap.dedent("""
+    import os, sys, time
+    from helpers import TFECluster, WorkerStuckError, share
+    from helpers.models import seed_cnn
+
+    cluster = TFECluster.load(sys.argv[1], timeout=60, verbose=False)
+    shared = share(seed_cnn(batch_size=1), cluster, verbose=False)
+    print("shared", flush=True)
+    sys.stdin.readline()  # the test stops worker 0, then says go
+    started = time.monotonic()
+    try:
+        shared.serve()  # until stopped, and no timeout of its own
+        print("RESULT returned?!", flush=True)
+    except WorkerStuckError as exc:
+        print(f"RESULT after {time.monotonic() - started:.0f} s: {exc.workers} {exc}", flush=True)
+    began = time.monotonic()
+    shared.stop()
+    print(f"STOPPED in {time.monotonic() - began:.0f} s", flush=True)
+    # The stuck call is still inside TensorFlow; leave without waiting for it.
+    os._exit(0)
+""")
+
+
+def test_serve_gives_up_on_a_stuck_worker_and_names_it(tmp_path):
+    # Like the client's test above: a stopped worker still accepts TCP
+    # connections, so only the wait shows it. serve() has no timeout here.
+    config = tmp_path / "cluster.json"
+    with TFECluster(TFEWorker(), TFEWorker(), TFEWorker(), verbose=False) as cluster:
+        cluster.save(config)
+        server = subprocess.Popen([sys.executable, "-c", STUCK_SERVER, str(config)], cwd=ROOT,
+                                  stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                  stderr=subprocess.PIPE, text=True)
+        worker = cluster.pids()["server0"]
+        try:
+            assert server.stdout.readline().strip() == "shared", server.stderr.read()[-2000:]
+            os.kill(worker, signal.SIGSTOP)
+            server.stdin.write("go\n")
+            server.stdin.flush()
+            out, err = server.communicate(timeout=150)
+        finally:
+            os.kill(worker, signal.SIGCONT)
+            if server.poll() is None:
+                server.kill()
+                server.wait()
+        # The cluster can still be stopped cleanly (the `with` does it).
+    result = [line for line in out.splitlines() if line.startswith("RESULT")]
+    assert result, err[-2000:]
+    assert "['server0']" in result[0] and "did not return within 30 s" in result[0], result[0]
+    seconds = int(result[0].split()[2])
+    # 30 s (STUCK_AFTER) plus the 5 s probe that names the worker, plus slack.
+    assert 30 <= seconds <= 50, result[0]
+    stopped = [line for line in out.splitlines() if line.startswith("STOPPED")]
+    assert stopped and int(stopped[0].split()[2]) <= 25, out
+
+
+INTERRUPTED_SERVER = textwrap.dedent("""
+    import sys, threading
+    import numpy as np
+    from helpers import TFECluster, TFEWorker, share
+    from helpers.models import seed_cnn
+
+    then = sys.argv[1]  # after the interrupt: "serve-again" or "clean-up"
+    cluster = TFECluster(TFEWorker(), TFEWorker(), TFEWorker(), verbose=False).start()
+    print("PIDS", " ".join(str(pid) for pid in cluster.pids().values()), flush=True)
+    shared = share(seed_cnn(batch_size=1), cluster, verbose=False)
+    print("serving", flush=True)
+    try:
+        shared.serve()  # until stopped: the test interrupts it with SIGINT
+    except KeyboardInterrupt:
+        print("interrupted", flush=True)
+    if then == "serve-again":
+        answers = []
+        def ask():
+            client = TFEWorker()
+            client.connect_to_model((1, 28, 28, 1), (1, 10), cluster, timeout=60)
+            answers.append(client.query_model(np.zeros((1, 28, 28, 1))))
+        asking = threading.Thread(target=ask)
+        asking.start()
+        print("served again:", shared.serve(num_requests=1, timeout=120), flush=True)
+        asking.join(60)
+        print("answers:", len(answers), flush=True)
+    shared.stop()
+    cluster.stop()
+    print("clean", flush=True)
+""")
+
+
+@pytest.mark.parametrize("then", ["serve-again", "clean-up"])
+def test_an_interrupted_serve_can_serve_again_or_clean_up(then):
+    from helpers import processes
+
+    proc = subprocess.Popen([sys.executable, "-c", INTERRUPTED_SERVER, then], cwd=ROOT,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        pids = [int(pid) for pid in proc.stdout.readline().split()[1:]]
+        assert len(pids) == 3, proc.stderr.read()[-2000:]
+        assert proc.stdout.readline().strip() == "serving", proc.stderr.read()[-2000:]
+        time.sleep(2)  # well inside serve(), waiting for requests
+        proc.send_signal(signal.SIGINT)  # what Interrupt in a notebook sends the kernel
+        out, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    assert proc.returncode == 0, err[-2000:]
+    assert "interrupted" in out and out.rstrip().endswith("clean"), out + err[-2000:]
+    if then == "serve-again":
+        assert "served again: 1" in out and "answers: 1" in out, out
+    for pid in pids:
+        assert processes.wait_gone(pid, None, timeout=10), f"worker {pid} left running"

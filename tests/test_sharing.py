@@ -24,6 +24,7 @@ def test_any_two_of_three_shares_look_random():
     for i in range(3):
         with np.errstate(over="ignore"):
             pair_sum = shares[i] + shares[(i + 1) % 3]
+        # 0.05 from one half is 6.4 standard deviations of 4,096 fair coin flips.
         assert 0.45 < np.mean(pair_sum < 0) < 0.55
         assert not np.any(pair_sum == secret)
 
@@ -53,10 +54,13 @@ def test_a_share_is_spread_over_the_ring_and_unrelated_to_the_image():
     pixels = images[:20].reshape(-1).astype(np.int64) * 6561 // 255
     share0, share1 = secret_share(pixels)
     for share in (share0, share1):
-        # Spread: both halves of the signed ring, top bits used.
+        # Spread: both halves of the signed ring, top bits used. Over 15,680
+        # values these bounds are 12 and 70 standard deviations from what
+        # uniform shares give (1/2 and 15/16): they cannot fail by chance.
         assert 0.45 < np.mean(share < 0) < 0.55
         assert np.mean(np.abs(share) > 2**60) > 0.8
-        # Unrelated: correlation with the pixel values is near zero.
+        # Unrelated: correlation with the pixel values is near zero (its
+        # standard deviation is 1/sqrt(15,680) = 0.008, so 0.05 is 6.3 of them).
         assert abs(np.corrcoef(share.astype(np.float64), pixels)[0, 1]) < 0.05
 
 

@@ -53,12 +53,17 @@ def test_a_worker_holds_fresh_random_shares_unrelated_to_the_image(tmp_path):
     # Fresh randomness every time: the same image never gives the same share.
     assert not np.any(first == second)
     for share in (first, second):
-        # Spread over the ring: both signs, and almost all values far beyond any pixel.
+        # Spread over the ring: both signs (0.1 from one half is 5.6 standard
+        # deviations of 784 fair coin flips), and almost all values far beyond any pixel.
         assert 0.4 < np.mean(share < 0) < 0.6
         assert np.mean(np.abs(share) > 2**56) > 0.95
         # Unrelated to the image: no correlation with the encoded pixels, and
-        # the zero pixels (most of an MNIST digit) are not recognisable.
-        assert abs(np.corrcoef(share.astype(np.float64), encoded)[0, 1]) < 0.15
+        # the zero pixels (most of an MNIST digit) are not recognisable. With
+        # 784 independent uniform values the correlation has a standard
+        # deviation of 1/sqrt(784) = 0.036, so 0.2 is 5.6 of them (a false
+        # alarm about once in 10^8 runs); a share that leaked the pixels
+        # would correlate near 1.
+        assert abs(np.corrcoef(share.astype(np.float64), encoded)[0, 1]) < 0.2
         assert not np.any(share[encoded == 0] == 0)
 
 
