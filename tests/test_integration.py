@@ -12,7 +12,7 @@ import time
 import numpy as np
 import pytest
 
-from conftest import ROOT, our_worker_pids, run_helpers, spawn_helpers
+from conftest import LOGIT_TOLERANCE, ROOT, our_worker_pids, run_helpers, spawn_helpers
 from helpers import TFECluster, TFEWorker, WorkerDownError
 
 pytestmark = pytest.mark.integration
@@ -50,7 +50,7 @@ def test_private_predictions_match_plaintext_across_processes(tmp_path, seed_wei
     assert len(rows) == 4
     for row in rows:
         private, plain = np.array(row["logits"]), np.array(row["plaintext"])
-        assert np.abs(private - plain).max() < 1e-2, row
+        assert np.abs(private - plain).max() < LOGIT_TOLERANCE, row
         assert private.argmax() == plain.argmax()
         # The answer was opened on the client process's own device (job
         # "localhost"), never on a worker (job "tfe").
@@ -122,7 +122,7 @@ def test_a_client_started_before_the_workers_waits_for_them_and_the_model(tmp_pa
     logits = np.array(json.loads(out.split("LOGITS", 1)[1]))
     image = as_model_input(load_mnist()[1][0][:1])
     plain = plaintext_logits(str(seed_weights), image)[0]
-    assert np.abs(logits - plain).max() < 1e-2
+    assert np.abs(logits - plain).max() < LOGIT_TOLERANCE
 
 
 def test_two_concurrent_clients_each_get_their_own_answers(tmp_path, seed_weights):
@@ -141,7 +141,7 @@ def test_two_concurrent_clients_each_get_their_own_answers(tmp_path, seed_weight
         assert [row["index"] for row in rows] == list(range(first, first + per_client))
         for row in rows:
             # Each answer matches the plaintext logits of this client's own image.
-            assert np.abs(np.array(row["logits"]) - np.array(row["plaintext"])).max() < 1e-2, row
+            assert np.abs(np.array(row["logits"]) - np.array(row["plaintext"])).max() < LOGIT_TOLERANCE, row
 
 
 def test_query_before_connect_and_serve_after_stop_are_refused():

@@ -17,7 +17,7 @@ import sys
 import numpy as np
 import pytest
 
-from conftest import spawn_helpers
+from conftest import LOGIT_TOLERANCE, spawn_helpers
 from helpers import TFECluster, TFEWorker, processes
 from helpers.ports import free_ports
 
@@ -106,7 +106,7 @@ def test_share_serve_and_query_across_three_hosts(three_hosts, tmp_path, seed_we
         rows = [json.loads(line) for line in client_out.splitlines() if line.startswith("{")]
         assert len(rows) == 3
         for row in rows:
-            assert np.abs(np.array(row["logits"]) - np.array(row["plaintext"])).max() < 1e-2
+            assert np.abs(np.array(row["logits"]) - np.array(row["plaintext"])).max() < LOGIT_TOLERANCE
     finally:
         for proc in launched:
             processes.terminate(proc.pid, None, grace=5, child=proc)

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from conftest import ROOT
+from conftest import LOGIT_TOLERANCE, ROOT
 from helpers import randomness
 
 
@@ -128,7 +128,7 @@ def test_private_predictions_match_plaintext(seed_weights, protocol, fallback):
     # the classes cannot flip by rounding: all must agree.
     assert int(clear) == 8
     assert int(agree) == 8
-    assert float(worst) < 5e-2
+    assert float(worst) < LOGIT_TOLERANCE
 
 
 def _bit_split_and_gather_reference(values: np.ndarray, stride: int, bits: int) -> np.ndarray:
