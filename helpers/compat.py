@@ -89,7 +89,7 @@ _STDERR_FILTER = r"""
 import sys
 NOISE = (b"Failed to remove function remotely", b"Unable to close remote context")
 FOLLOW = (b"This could happen if the remote target", b"Additional GRPC error information",
-          b":{", b"{", b" ", b"\t")
+          b":", b"{", b" ", b"\t")
 # absl's notice before the first C++ log line: kept unless noise follows it.
 NOTICE = b"All log messages before absl::InitializeLog() is called"
 dropping = False

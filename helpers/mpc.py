@@ -72,6 +72,11 @@ def connect(cluster, timeout: float, during: str, protocol: str = "securenn"):
     cluster.check(during=during)
     hostmap = dict(cluster.hostmap)
     if _connected_hostmap != hostmap:
+        # Another cluster than before (whose workers may be gone): start from a
+        # fresh context. TensorFlow 2.21 cannot move a connected context to a
+        # new cluster once the old workers have stopped; a later remote call
+        # then fails with "remote data found to be poisoned".
+        disconnect(timeout)
         _connect_to(hostmap, timeout, during)
         _connected_hostmap = hostmap
         _protocols.clear()

@@ -295,3 +295,41 @@ def test_an_interrupted_serve_can_serve_again_or_clean_up(then):
         assert "served again: 1" in out and "answers: 1" in out, out
     for pid in pids:
         assert processes.wait_gone(pid, None, timeout=10), f"worker {pid} left running"
+
+
+NEXT_CLUSTER = textwrap.dedent("""
+    import sys
+    from helpers import TFECluster, channel as ch, mpc
+
+    first = TFECluster.load(sys.argv[1], timeout=60, verbose=False)
+    mpc.connect(first, 60, during="in the test")
+    print("first", ch.served_protocols(ch.ready_queues("model")), flush=True)
+    sys.stdin.readline()  # the test stops those workers (not this process) and starts others
+    second = TFECluster.load(sys.argv[2], timeout=60, verbose=False)
+    mpc.connect(second, 60, during="in the test")
+    print("second", ch.served_protocols(ch.ready_queues("model")), flush=True)
+""")
+
+
+def test_a_client_moves_on_to_a_new_cluster_after_its_old_workers_are_gone(tmp_path):
+    # As the benchmark's client does. TensorFlow 2.21 cannot move a connected
+    # context to a new cluster once the old workers have stopped ("remote data
+    # found to be poisoned"), so mpc.connect starts from a fresh context.
+    first_config, second_config = tmp_path / "first.json", tmp_path / "second.json"
+    first = TFECluster(TFEWorker(), TFEWorker(), TFEWorker(), verbose=False).start()
+    first.save(first_config)
+    client = subprocess.Popen([sys.executable, "-c", NEXT_CLUSTER, str(first_config),
+                               str(second_config)], cwd=ROOT, stdin=subprocess.PIPE,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert client.stdout.readline().strip() == "first []", client.stderr.read()[-2000:]
+        first.stop()
+        with TFECluster(TFEWorker(), TFEWorker(), TFEWorker(), verbose=False) as second:
+            second.save(second_config)
+            out, err = client.communicate("go\n", timeout=120)
+    finally:
+        first.stop()
+        if client.poll() is None:
+            client.kill()
+            client.communicate()
+    assert client.returncode == 0 and out.strip() == "second []", err[-2000:]
