@@ -29,7 +29,9 @@ def execute(path: Path, errors: list) -> None:
     """Run every cell of ``path`` in a fresh kernel in its folder; save the outputs."""
     began = time.monotonic()
     notebook = nbformat.read(path, as_version=4)
+    # record_timing=False: no execution timestamps in the stored cells.
     client = NotebookClient(notebook, timeout=CELL_TIMEOUT, kernel_name="python3",
+                            record_timing=False,
                             resources={"metadata": {"path": str(path.parent)}})
     try:
         client.execute()

@@ -39,3 +39,23 @@ def test_one_title_and_stable_cell_ids(path):
     assert len(titles) == 1 and cells[0] is titles[0]
     ids = [c.get("id") for c in cells]
     assert all(ids) and len(set(ids)) == len(ids)
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: str(p.relative_to(ROOT)))
+def test_no_test_plumbing_in_the_code_a_reader_sees(path):
+    # nbval reads cell tags; markers and path searches do not belong in the code.
+    code = [c for c in json.loads(path.read_text())["cells"] if c["cell_type"] == "code"]
+    for cell in code:
+        source = "".join(cell["source"])
+        assert "NBVAL" not in source, f"cell {cell['id']}: an nbval marker comment; use a tag"
+        assert "sys.path" not in source, f"cell {cell['id']}: a sys.path search; helpers is installed"
+    checked = [c for c in code if "nbval-check-output" in c.get("metadata", {}).get("tags", [])]
+    assert checked, "no cell is checked by nbval"
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: str(p.relative_to(ROOT)))
+def test_the_setup_cell_imports_helpers_before_tensorflow(path):
+    first = next(c for c in json.loads(path.read_text())["cells"] if c["cell_type"] == "code")
+    source = "".join(first["source"])
+    assert source.index("import helpers") < source.index("import tensorflow")
+    assert "bash run.sh notebooks" in source and "pip install -e ." in source

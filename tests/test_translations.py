@@ -1,7 +1,7 @@
 """The Portuguese notebooks keep the English code, cell for cell.
 
 Comments and string literals may be translated; everything else in a code
-cell (names, numbers, calls, markers' positions) must match the English cell
+cell (names, numbers, calls) and its tags must match the English cell
 at the same position. A change to an English code cell that has not reached
 the Portuguese edition fails here.
 """
@@ -81,6 +81,10 @@ def test_translation_has_the_same_cells_and_code(edition, name):
         assert normalise("".join(tr["source"])) == normalise("".join(en["source"])), (
             f"{edition.name}/{name}, code cell {index} ({en.get('id')}) differs from English "
             "beyond comments and strings: copy the English change over")
+        # Tags decide what nbval checks (nbval-check-output, nbval-ignore-output).
+        assert tr.get("metadata", {}).get("tags", []) == en.get("metadata", {}).get("tags", []), (
+            f"{edition.name}/{name}, code cell {index} ({en.get('id')}) has other tags than "
+            "the English cell")
 
 
 @pytest.mark.parametrize("edition", EDITIONS, ids=lambda p: p.name)
