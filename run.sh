@@ -8,7 +8,7 @@
 #   bash run.sh bench       the benchmark (prints a table, saves a plot)
 #   bash run.sh setup       only build the environment (and the randomness op)
 #   bash run.sh doctor      check the set-up; paste its output when asking for help
-#   bash run.sh test-on 3.13  the helpers' integration and fault tests on another Python
+#   bash run.sh test-on 3.13  the helpers' tests (integration and faults too) on another Python
 set -euo pipefail
 
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
