@@ -132,22 +132,27 @@ def quiet_disconnect_noise() -> None:
     our own errors (`WorkerDownError`). So only those lines, and the lines
     that continue them, are dropped; every other line passes through.
 
-    Used by our command line and scripts, whose stderr a reader reads. Not in
-    notebook kernels: their C++ output goes to the Jupyter server's console.
+    `prepare` puts it in place in every process that imports helpers: our
+    command line and scripts, whose stderr a reader reads, and notebook
+    kernels, which copy C++ output into the cell that is running.
     """
     global _filter_process
     if _filter_process is not None or os.name != "posix":
         return
     import subprocess
 
-    sys.stderr.flush()
+    try:
+        sys.stderr.flush()
+        original = os.dup(2)
+    except (OSError, ValueError):
+        return  # no usable stderr: nothing to keep clean
     read_end, write_end = os.pipe()
-    original = os.dup(2)
     try:
         # A session of its own: Ctrl-C must not end it before our own last words.
+        # A bare environment: it is no process of a test run or cluster of ours.
         _filter_process = subprocess.Popen(
             [sys.executable, "-S", "-c", _STDERR_FILTER], stdin=read_end, stdout=original,
-            stderr=subprocess.DEVNULL, start_new_session=True)
+            stderr=subprocess.DEVNULL, start_new_session=True, env={})
         os.dup2(write_end, 2)
     except OSError:
         pass  # no filter: the lines stay visible, nothing else changes
@@ -355,7 +360,8 @@ def _round_when_encoding() -> None:
 
 # In order, once TF Encrypted is imported.
 AFTER_IMPORT_FIXES: Tuple[Callable[[], None], ...] = (
-    _install_randomness, _install_bit_split_and_gather, _tf_dimension, _round_when_encoding)
+    _install_randomness, _install_bit_split_and_gather, _tf_dimension, _round_when_encoding,
+    quiet_disconnect_noise)
 
 
 # The ABY3 protocol state that holds its key material and counters.
