@@ -191,8 +191,10 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Optional[List[str]] = None) -> int:
     """Entry point of ``python -m helpers``."""
     args = build_parser().parse_args(argv)
+    from . import compat
     from .errors import HelpersError
 
+    compat.quiet_disconnect_noise()  # a reader reads this process's stderr
     try:
         return args.func(args)
     except HelpersError as exc:

@@ -132,9 +132,11 @@ def quiet_disconnect_noise() -> None:
     our own errors (`WorkerDownError`). So only those lines, and the lines
     that continue them, are dropped; every other line passes through.
 
-    `prepare` puts it in place in every process that imports helpers: our
-    command line and scripts, whose stderr a reader reads, and notebook
-    kernels, which copy C++ output into the cell that is running.
+    Our command line and scripts call it: a reader reads their stderr. It is
+    not put in place on import: under pytest's own capture of stderr it could
+    hang a test run. In a notebook kernel the lines could only appear in a cell
+    if the kernel closed its connection after the workers had gone, and
+    `mpc.disconnect` does not try then.
     """
     global _filter_process
     if _filter_process is not None or os.name != "posix":
@@ -148,8 +150,8 @@ def quiet_disconnect_noise() -> None:
         return  # no usable stderr: nothing to keep clean
     read_end, write_end = os.pipe()
     try:
-        # A session of its own: Ctrl-C must not end it before our own last words.
-        # A bare environment: it is no process of a test run or cluster of ours.
+        # A session of its own, so Ctrl-C does not end it before our own last
+        # words, and a bare environment: it is no process of a test run of ours.
         _filter_process = subprocess.Popen(
             [sys.executable, "-S", "-c", _STDERR_FILTER], stdin=read_end, stdout=original,
             stderr=subprocess.DEVNULL, start_new_session=True, env={})
@@ -360,8 +362,7 @@ def _round_when_encoding() -> None:
 
 # In order, once TF Encrypted is imported.
 AFTER_IMPORT_FIXES: Tuple[Callable[[], None], ...] = (
-    _install_randomness, _install_bit_split_and_gather, _tf_dimension, _round_when_encoding,
-    quiet_disconnect_noise)
+    _install_randomness, _install_bit_split_and_gather, _tf_dimension, _round_when_encoding)
 
 
 # The ABY3 protocol state that holds its key material and counters.

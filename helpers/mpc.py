@@ -24,6 +24,7 @@ _connected_hostmap: Optional[dict] = None
 _protocols: dict = {}
 _per_connection: dict = {}
 _DRIVER_PORT_ATTEMPTS = 3
+_kept_until_exit: list = []  # see `disconnect`
 
 
 def local_device() -> str:
@@ -76,7 +77,7 @@ def connect(cluster, timeout: float, during: str, protocol: str = "securenn"):
         # fresh context. TensorFlow 2.21 cannot move a connected context to a
         # new cluster once the old workers have stopped; a later remote call
         # then fails with "remote data found to be poisoned".
-        disconnect(timeout)
+        disconnect(timeout, even_if_gone=True)
         _connect_to(hostmap, timeout, during)
         _connected_hostmap = hostmap
         _protocols.clear()
@@ -109,7 +110,7 @@ def is_connected_to(cluster) -> bool:
         return False
 
 
-def disconnect(timeout: float = 10.0) -> None:
+def disconnect(timeout: float = 10.0, even_if_gone: bool = False) -> None:
     """Leave the workers cleanly, while they still run.
 
     TensorFlow keeps a context on every worker for each connected process,
@@ -126,7 +127,20 @@ def disconnect(timeout: float = 10.0) -> None:
         return
     from tensorflow.python.eager import context
 
+    from .ports import answers, split_host
+
+    hosts = list(_connected_hostmap.values())
     _connected_hostmap = None
+    if not even_if_gone and not all(answers(*split_host(host), timeout=1.0) for host in hosts):
+        # The workers are gone already (someone else stopped them): closing now,
+        # or letting go of the traced functions made on this connection, would
+        # only print TensorFlow's complaints, into a notebook cell even. Keep
+        # them until the process ends. (Moving on to another cluster must
+        # close it anyway: see `connect`.)
+        _kept_until_exit.append((dict(_protocols), dict(_per_connection)))
+        _protocols.clear()
+        _per_connection.clear()
+        return
     _protocols.clear()
     _per_connection.clear()
     try:

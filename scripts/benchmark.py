@@ -367,4 +367,5 @@ def plot(series: dict, path: Path) -> None:
 
 
 if __name__ == "__main__":
+    helpers.compat.quiet_disconnect_noise()  # TensorFlow's lines once workers are gone
     sys.exit(main())

@@ -41,4 +41,5 @@ def main(folder: Path, weights: str, protocol: str) -> int:
 
 
 if __name__ == "__main__":
+    helpers.compat.quiet_disconnect_noise()  # TensorFlow's lines once workers are gone
     sys.exit(main(Path(sys.argv[1]), sys.argv[2], sys.argv[3]))

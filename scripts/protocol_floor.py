@@ -117,4 +117,5 @@ def main() -> int:
 
 
 if __name__ == "__main__":
+    helpers.compat.quiet_disconnect_noise()  # TensorFlow's lines once workers are gone
     sys.exit(main())

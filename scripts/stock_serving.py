@@ -60,6 +60,7 @@ def client(config: str, batch: int, requests: int) -> None:
 
 
 if __name__ == "__main__":
+    helpers.compat.quiet_disconnect_noise()  # TensorFlow's lines once workers are gone
     tf.get_logger().setLevel("ERROR")
     role, args = sys.argv[1], sys.argv[2:]
     if role == "server":

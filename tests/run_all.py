@@ -29,6 +29,7 @@ ROOT = Path(__file__).resolve().parent.parent
 EDITIONS = [ROOT / "notebooks", ROOT / "translations" / "pt-BR"]
 NBVAL = ["--nbval-lax", "--nbval-cell-timeout=900", "-p", "no:randomly"]
 COUNT = re.compile(r"(\d+) (passed|failed|errors?|skipped|xfailed|xpassed)")
+SUMMARY = re.compile(r"^=*\s*\d+ (passed|failed|errors?|skipped|deselected|xfailed|xpassed)\b.* in [\d.]+s\b")
 
 
 def run_stage(title: str, args: list) -> dict:
@@ -38,13 +39,17 @@ def run_stage(title: str, args: list) -> dict:
     proc = subprocess.run([sys.executable, "-m", "pytest", *args], cwd=ROOT, text=True,
                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     print(proc.stdout, end="", flush=True)
-    lines = [line for line in proc.stdout.splitlines() if line.strip()]
+    # pytest's closing line ("=== 3 passed in 1.2s ==="), wherever it is: a
+    # warning printed as the interpreter exits may come after it.
+    summary = next((line for line in reversed(proc.stdout.splitlines())
+                    if SUMMARY.match(line.strip())), "")
     counts = {"passed": 0, "failed": 0, "skipped": 0}
-    for number, word in COUNT.findall(lines[-1] if lines else ""):
+    for number, word in COUNT.findall(summary):
         key = "failed" if word.startswith("error") else word
         counts[key] = counts.get(key, 0) + int(number)
-    if proc.returncode != 0 and counts["failed"] == 0:
-        counts["failed"] = 1  # pytest crashed or collected nothing: never a silent pass
+    if (proc.returncode != 0 or counts["passed"] == 0) and counts["failed"] == 0:
+        # pytest crashed, collected nothing, or printed no summary: never a silent pass
+        counts["failed"] = 1
     print(f"--- {title}: {counts['passed']} passed, {counts['failed']} failed "
           f"({time.monotonic() - started:.0f} s)", flush=True)
     return counts
