@@ -270,14 +270,6 @@ def distributed_floor(config: Path, weights: Path, kind: str, protocol: str,
             for row in rows}
 
 
-def _next_json(proc: subprocess.Popen):
-    """The next line of ``proc``'s output that is JSON (libraries may print other lines)."""
-    for line in proc.stdout:
-        if line.startswith(("[", "{")):
-            return json.loads(line)
-    raise RuntimeError(f"the process ended (status {proc.wait()}) without its figures")
-
-
 def side_by_side(cluster, config: Path, weights: Path, kind: str, protocol: str, batch: int,
                  queries: int, x: np.ndarray, rounds: int = 10) -> dict:
     """Median time per call of the distributed floor and of serving, in alternating rounds.
@@ -305,7 +297,7 @@ def side_by_side(cluster, config: Path, weights: Path, kind: str, protocol: str,
             if i % per_round == 0:
                 floor.stdin.write(f"{per_round}\n")
                 floor.stdin.flush()
-                floor_times += _next_json(floor)
+                floor_times += json.loads(floor.stdout.readline())
             sample = x[(i * batch) % 9000:(i * batch) % 9000 + batch]
             began = time.perf_counter()
             client.query_model(sample, timeout=600)
@@ -361,15 +353,14 @@ def concurrent_figures(config: Path, weights: Path, kind: str, protocol: str,
             "max_logit_diff": max(row["max_logit_diff"] for row in rows)}
 
 
-def against_the_floor(kind: str, weights: Path, x: np.ndarray, queries: int,
-                      protocols: tuple = PROTOCOLS) -> dict:
+def against_the_floor(kind: str, weights: Path, x: np.ndarray, queries: int) -> dict:
     """Serving next to the distributed floor, on three fresh workers of its own per model."""
     figures: dict = {}
     config = weights.with_suffix(".cluster.json")
     workers = [helpers.TFEWorker(name=n) for n in ("alice", "bob", "carol")]
     with helpers.TFECluster(*workers, verbose=False) as cluster:
         cluster.save(config)
-        for protocol in protocols:
+        for protocol in PROTOCOLS:
             big = (100,) if kind == "seed" else ()
             floor = distributed_floor(config, weights, kind, protocol, (CLIENTS,))
             row = {"floor": floor, "served": {}}
@@ -395,7 +386,7 @@ def floor_table(figures: dict, in_process: dict, stock: dict) -> list:
              "floor | helpers / in-process floor | stock / helpers |", "|---|---|---|---|---|---|---|"]
     titles = {"seed": "seed CNN", "lenet": "LeNet-like CNN"}
     for kind, by_protocol in figures.items():
-        for protocol in by_protocol:
+        for protocol in PROTOCOLS:
             title = f"{titles[kind]}, {'SecureNN' if protocol == 'securenn' else 'ABY3'}"
             row, alone = by_protocol[protocol], in_process[kind][protocol]
             floor, served = row["floor"], row["served"]
@@ -427,9 +418,7 @@ def main() -> int:
     parser.add_argument("--quick", action="store_true", help="a short smoke run")
     parser.add_argument("--out", default=str(ROOT / "bench-results"))
     parser.add_argument("--floors-only", action="store_true",
-                        help="only serving against the floors (both models), about 15 minutes")
-    parser.add_argument("--pairs", default="",
-                        help='with --floors-only: only these, e.g. "seed:aby3,lenet:securenn"')
+                        help="only serving against the floors (both models), about 10 minutes")
     args = parser.parse_args()
     latency_queries = 30 if args.quick else 200
     agreement_images = 1000 if args.quick else 10000
@@ -454,16 +443,11 @@ def main() -> int:
         plain_logits = plaintext_logits(weights, x_all[:agreement_images])
 
         if args.floors_only:
-            pairs = [tuple(pair.split(":")) for pair in args.pairs.split(",") if pair] or [
-                (kind, p) for kind in kinds for p in PROTOCOLS]
-            chosen = {kind: tuple(p for k, p in pairs if k == kind) for kind in kinds}
-            chosen = {kind: protocols for kind, protocols in chosen.items() if protocols}
-            in_process = {kind: {p: floor_figures(kinds[kind], p, kind, (1, CLIENTS) + (
-                (100,) if kind == "seed" else ())) for p in protocols}
-                for kind, protocols in chosen.items()}
-            against = {kind: against_the_floor(kind, kinds[kind], x_all, latency_queries,
-                                               protocols)
-                       for kind, protocols in chosen.items()}
+            in_process = {kind: {p: floor_figures(path, p, kind, (1, CLIENTS) + (
+                (100,) if kind == "seed" else ())) for p in PROTOCOLS}
+                for kind, path in kinds.items()}
+            against = {kind: against_the_floor(kind, path, x_all, latency_queries)
+                       for kind, path in kinds.items()}
             text = "\n".join(floor_table(against, in_process, None))
             print("\n" + text)
             (out / "floors.md").write_text(text + "\n")
