@@ -276,8 +276,12 @@ INTERRUPTED_SERVER = textwrap.dedent("""
 def test_an_interrupted_serve_can_serve_again_or_clean_up(then):
     from helpers import processes
 
+    # A test run started as a background job (`cmd &` in a script) inherits
+    # SIGINT ignored, and Python then installs no KeyboardInterrupt handler
+    # at all. A notebook kernel always has one: give the child the default.
     proc = subprocess.Popen([sys.executable, "-c", INTERRUPTED_SERVER, then], cwd=ROOT,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         pids = [int(pid) for pid in proc.stdout.readline().split()[1:]]
         assert len(pids) == 3, proc.stderr.read()[-2000:]
