@@ -241,7 +241,11 @@ def test_serve_gives_up_on_a_stuck_worker_and_names_it(tmp_path):
 
 
 INTERRUPTED_SERVER = textwrap.dedent("""
-    import sys, threading
+    import signal, sys, threading
+    # A test run started as a background job (`cmd &` in a script) hands us
+    # SIGINT ignored, and then Python raises no KeyboardInterrupt at all. A
+    # notebook kernel always has a handler: so do we.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     import numpy as np
     from helpers import TFECluster, TFEWorker, share
     from helpers.models import seed_cnn
@@ -276,12 +280,8 @@ INTERRUPTED_SERVER = textwrap.dedent("""
 def test_an_interrupted_serve_can_serve_again_or_clean_up(then):
     from helpers import processes
 
-    # A test run started as a background job (`cmd &` in a script) inherits
-    # SIGINT ignored, and Python then installs no KeyboardInterrupt handler
-    # at all. A notebook kernel always has one: give the child the default.
     proc = subprocess.Popen([sys.executable, "-c", INTERRUPTED_SERVER, then], cwd=ROOT,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         pids = [int(pid) for pid in proc.stdout.readline().split()[1:]]
         assert len(pids) == 3, proc.stderr.read()[-2000:]
