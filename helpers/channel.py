@@ -8,12 +8,19 @@ client opens the answer on a worker. This channel fixes both:
   ``in/<id>`` and ``out/<id>``, one share queue on each worker that holds a
   share (workers 0 and 1 for SecureNN, all three for ABY3). Nobody else
   reads them, so an answer can only reach its client.
-* A client first puts its input shares in its ``in`` queues, then puts its
-  id in the public ``tickets`` queue. The server takes one ticket at a time,
-  so it always finds every share of that request waiting.
-* The answer's shares go to the client's ``out`` queues; the client combines
-  them on its own device. It then puts its id in ``acks``, so the server
-  knows the answer arrived before anyone stops the workers.
+* A request is one call from the client (`Channel.ask`): it puts its input
+  shares in its ``in`` queues and its id in the public ``tickets`` queue,
+  then waits on its ``out`` queues and adds the answer's shares on its own
+  device. Right after, it puts its id in ``acks`` (`Channel.acknowledge`),
+  so the server knows the answer arrived before anyone stops the workers.
+* The server waits on ``tickets`` (`Channel.take_tickets`) and takes up to
+  as many as it can answer in one private computation. It always finds the
+  shares of a ticket waiting: they were queued first, in the same call.
+* Both sides wait inside TensorFlow instead of polling: a call waiting on a
+  worker does not hold back this process's other calls (measured on
+  TensorFlow 2.21; see the README). Any wait can be ended from another
+  thread: an empty ticket wakes the server (`nudge`), and placeholder shares
+  in its own ``out`` queues release a client (`release`).
 * ``ready`` holds one token while a model is being served.
 
 The queues live on the workers (TensorFlow shares a queue by name across all
@@ -24,7 +31,7 @@ from __future__ import annotations
 import os
 import sys
 import time
-from typing import List, Optional, Sequence, Tuple
+from typing import List, Sequence, Tuple
 
 import numpy as np
 import tensorflow as tf
@@ -87,13 +94,10 @@ class Channel:
     client never takes an ABY3 model's tickets, nor the other way round.
 
     Every exchange with the queues is one traced function call, so one round
-    trip: a client sends its shares and its ticket in one call, the server
-    takes a ticket (or learns there is none) in one call, and so on. Values
-    come back through the function's own transfer to this process's device.
-    That matters for polling: TensorFlow 2.9's remote eager runtime keeps
-    about 3.6 KB on a worker for every value fetched from it with a plain
-    eager op (3,000 ``size()`` fetches grew a worker by 7-11 MiB), while the
-    same count returned by a traced function grew it by 0.2 MiB.
+    trip, and values come back through the function's own transfer to this
+    process's device. (TensorFlow's remote eager runtime keeps a few KB on a
+    worker for every value fetched from it with a plain eager op; a traced
+    function's outputs leave nothing behind.)
     """
 
     def __init__(self, protocol: str, model_name: str, input_shape: Sequence[int],
@@ -112,8 +116,12 @@ class Channel:
         self._take_one = tf.function(self._take_one_graph, autograph=False)
         self._announce = tf.function(self._announce_graph, autograph=False)
         self._take_all = tf.function(self._take_all_graph, autograph=False)
-        self._send = tf.function(self._send_graph, autograph=False)
-        self._receive = tf.function(self._receive_graph, autograph=False)
+        self._take_some = tf.function(self._take_some_graph, autograph=False)
+        self._take_tickets = tf.function(self._take_tickets_graph, autograph=False)
+        self._nudge = tf.function(self._nudge_graph, autograph=False)
+        self._ask = tf.function(self._ask_graph, autograph=False)
+        self._release = tf.function(self._release_graph, autograph=False)
+        self._acknowledge = tf.function(self._acknowledge_graph, autograph=False)
 
     # -- traced bodies: each runs as one call across the workers -------------
 
@@ -127,7 +135,7 @@ class Channel:
 
     def _take_one_graph(self, handle):
         with tf.device(self.devices[0]):
-            # Dequeue only when something waits: an empty dequeue would block.
+            # Dequeue only when something waits: an empty dequeue would wait.
             taken = tf.cond(
                 gen_data_flow_ops.queue_size_v2(handle) > 0,
                 lambda: gen_data_flow_ops.queue_dequeue_v2(handle, component_types=[tf.string])[0],
@@ -141,7 +149,7 @@ class Channel:
                 with tf.control_dependencies([gen_data_flow_ops.queue_enqueue_v2(
                         handle, [tf.constant("serving")])]):
                     return tf.constant(True)
-            # The queue holds one element: an enqueue into a full one would block.
+            # The queue holds one element: an enqueue into a full one would wait.
             put_now = tf.cond(gen_data_flow_ops.queue_size_v2(handle) == 0, put,
                               lambda: tf.constant(False))
         with tf.device(local_device()):
@@ -153,46 +161,72 @@ class Channel:
             taken = gen_data_flow_ops.queue_dequeue_many_v2(handle, count,
                                                             component_types=[tf.string])[0]
         with tf.device(local_device()):
-            return tf.size(taken)
+            return tf.identity(taken)
 
-    def _send_graph(self, inputs, tickets, shares, client_id):
-        sent = []
+    def _take_some_graph(self, handle, limit):
+        with tf.device(self.devices[0]):
+            count = tf.minimum(gen_data_flow_ops.queue_size_v2(handle), limit)
+            taken = gen_data_flow_ops.queue_dequeue_many_v2(handle, count,
+                                                            component_types=[tf.string])[0]
+        with tf.device(local_device()):
+            return tf.identity(taken)
+
+    def _take_tickets_graph(self, handle, limit):
+        taken = self.take_tickets_on_worker(handle, limit)
+        with tf.device(local_device()):
+            return tf.identity(taken)
+
+    def take_tickets_on_worker(self, handle, limit) -> tf.Tensor:
+        """Graph code: wait for one ticket, then take whatever else waits, up to ``limit``.
+
+        The tickets of the requests that one private computation answers
+        together. The result stays on worker 0, for graphs that go on there.
+        """
+        with tf.device(self.devices[0]):
+            first = gen_data_flow_ops.queue_dequeue_v2(handle, component_types=[tf.string])[0]
+            with tf.control_dependencies([first]):
+                more = tf.minimum(gen_data_flow_ops.queue_size_v2(handle), limit - 1)
+            rest = gen_data_flow_ops.queue_dequeue_many_v2(handle, more,
+                                                           component_types=[tf.string])[0]
+            return tf.concat([tf.reshape(first, [1]), rest], axis=0)
+
+    def _nudge_graph(self, handle):
+        with tf.device(self.devices[0]):
+            gen_data_flow_ops.queue_enqueue_v2(handle, [tf.constant("")])
+
+    def _ask_graph(self, inputs, outputs, tickets, shares, client_id):
         for handle, share, device in zip(inputs, shares, self.devices):
             with tf.device(device):
-                sent.append(gen_data_flow_ops.queue_enqueue_v2(handle, [share]))
-        # The ticket goes last, once every share is in its queue: the server
-        # must find all shares of every ticket it takes.
-        with tf.control_dependencies(sent), tf.device(self.devices[0]):
-            gen_data_flow_ops.queue_enqueue_v2(tickets, [client_id])
-
-    def _receive_graph(self, outputs, acks, client_id):
-        shares = []
+                gen_data_flow_ops.queue_enqueue_v2(handle, [share])
+        # The ticket does not wait for the shares: the server's computation
+        # waits for them on each worker, while the ticket reaches the server.
+        with tf.device(self.devices[0]):
+            ticket = gen_data_flow_ops.queue_enqueue_v2(tickets, [client_id])
+        answer = []
         for handle, device in zip(outputs, self.devices):
-            with tf.device(device):
-                shares.append(gen_data_flow_ops.queue_dequeue_v2(handle,
-                                                                 component_types=[tf.int64])[0])
+            with tf.control_dependencies([ticket]), tf.device(device):
+                share = gen_data_flow_ops.queue_dequeue_v2(handle, component_types=[tf.int64])[0]
+                share.set_shape(self.output_shape)
+                answer.append(share)
         with tf.device(local_device()):
             # The shares meet only here, on this process's own device.
-            combined = tf.add_n(shares)  # int64 addition wraps: mod 2**64
-        with tf.control_dependencies([combined]), tf.device(self.devices[0]):
+            return tf.add_n(answer)  # int64 addition wraps: mod 2**64
+
+    def _acknowledge_graph(self, acks, client_id):
+        with tf.device(self.devices[0]):
             gen_data_flow_ops.queue_enqueue_v2(acks, [client_id])
-        return combined
+
+    def _release_graph(self, outputs):
+        for handle, device in zip(outputs, self.devices):
+            with tf.device(device):
+                gen_data_flow_ops.queue_enqueue_v2(
+                    handle, [tf.zeros(self.output_shape, dtype=tf.int64)])
 
     # -- the exchanges ---------------------------------------------------------
 
     def waiting(self, queue: SharedQueue) -> int:
         """How many elements wait in a public queue (tickets, acks or ready)."""
         return int(self._count_all([queue.handle], [queue.device]).numpy())
-
-    def all_waiting(self, queues: Sequence[SharedQueue]) -> bool:
-        """True when every share queue of a request (or answer) holds an element."""
-        handles = [queue.handle for queue in queues]
-        return int(self._count_all(handles, [queue.device for queue in queues]).numpy()) > 0
-
-    def take_ticket(self) -> Optional[str]:
-        """The oldest ticket's client id, or None when no ticket waits."""
-        taken = self._take_one(self.tickets.handle).numpy().decode()
-        return taken or None
 
     def announce(self) -> None:
         """Mark the model as served (once: a second call changes nothing).
@@ -214,24 +248,55 @@ class Channel:
         """
         self._take_one(self.ready.handle).numpy()
 
-    def take_acks(self) -> int:
-        """Take every waiting acknowledgement; return how many there were."""
-        return int(self._take_all(self.acks.handle).numpy())
+    def take_acks(self) -> List[str]:
+        """Take every waiting acknowledgement: the ids of the clients that sent them."""
+        return [ack.decode() for ack in self._take_all(self.acks.handle).numpy()]
 
-    def send_request(self, inputs: Sequence[SharedQueue], shares: Sequence[np.ndarray],
-                     client_id: str) -> None:
-        """Put one input share on each worker, then the client's ticket."""
-        self._send([queue.handle for queue in inputs], self.tickets.handle,
-                   [tf.constant(share) for share in shares], tf.constant(client_id))
+    def take_tickets(self, limit: int) -> List[str]:
+        """Wait for a ticket; return it with any others waiting, ``limit`` in all.
 
-    def receive_answer(self, outputs: Sequence[SharedQueue], client_id: str) -> tf.Tensor:
-        """Take every answer share, add them on this process's device, acknowledge.
-
-        Call only once `all_waiting(outputs)` is true: a dequeue on an empty
-        queue would wait forever. Returns the combined (still encoded) answer.
+        Waits inside TensorFlow until a ticket arrives. An empty id is a
+        `nudge`, not a request: it wakes the waiting call.
         """
-        return self._receive([queue.handle for queue in outputs], self.acks.handle,
-                             tf.constant(client_id))
+        taken = self._take_tickets(self.tickets.handle, tf.constant(limit, tf.int32))
+        return [ticket.decode() for ticket in taken.numpy()]
+
+    def take_waiting_tickets(self, limit: int) -> List[str]:
+        """The tickets waiting now, up to ``limit``, without waiting for any."""
+        taken = self._take_some(self.tickets.handle, tf.constant(limit, tf.int32))
+        return [ticket.decode() for ticket in taken.numpy()]
+
+    def nudge(self) -> None:
+        """Wake a `take_tickets` call that waits (from another thread or process)."""
+        self._nudge(self.tickets.handle)
+
+    def ask(self, inputs: Sequence[SharedQueue], outputs: Sequence[SharedQueue],
+            shares: Sequence[np.ndarray], client_id: str) -> tf.Tensor:
+        """One request as one call: send the shares and the ticket, wait, add.
+
+        Returns the combined (still encoded) answer, added on this process's
+        device. Waits inside TensorFlow until the answer's shares arrive, or
+        until `release` puts placeholders in ``outputs``. Then `acknowledge`.
+        """
+        return self._ask([queue.handle for queue in inputs], [queue.handle for queue in outputs],
+                         self.tickets.handle, [tf.constant(share) for share in shares],
+                         tf.constant(client_id))
+
+    def acknowledge(self, client_id: str) -> None:
+        """Tell the server that this client holds its answer.
+
+        A call of its own, after `ask`: in the same call it would cost the
+        client one more round trip to worker 0 before it sees its answer.
+        """
+        self._acknowledge(self.acks.handle, tf.constant(client_id))
+
+    def release(self, outputs: Sequence[SharedQueue]) -> None:
+        """End an `ask` that waits on ``outputs``: put an all-zero placeholder in each.
+
+        Its result is then meaningless, so the caller discards it and never
+        uses these queues again.
+        """
+        self._release([queue.handle for queue in outputs])
 
     def _share_queues(self, kind: str, client_id: str,
                       shape: Tuple[int, ...]) -> Tuple[SharedQueue, ...]:

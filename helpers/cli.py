@@ -77,13 +77,13 @@ def _cmd_cleanup(args: argparse.Namespace) -> int:
 def _cmd_serve(args: argparse.Namespace) -> int:
     from . import share
     from .cluster import TFECluster
-    from .models import seed_cnn
+    from .models import MODELS
 
     cluster = TFECluster.load(args.config, timeout=args.timeout, verbose=not args.quiet)
-    model = seed_cnn(batch_size=args.batch)
+    model = MODELS[args.model](batch_size=args.batch)
     model.load_weights(args.weights)
     shared = share(model, cluster, name=args.name, timeout=args.timeout, verbose=not args.quiet,
-                   protocol=args.protocol)
+                   protocol=args.protocol, max_requests=args.max_requests)
     try:
         served = shared.serve(num_requests=args.requests, timeout=args.timeout)
     finally:
@@ -156,11 +156,15 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("cleanup", help="stop workers left by a crashed kernel or script")
     p.set_defaults(func=_cmd_cleanup)
 
-    p = sub.add_parser("serve", help="share the seed CNN's weights and serve requests")
+    p = sub.add_parser("serve", help="share a CNN's weights and serve requests")
     p.add_argument("--config", required=True, help="hostmap written by a running cluster")
-    p.add_argument("--weights", required=True, help="Keras weights of the seed CNN (.h5)")
+    p.add_argument("--weights", required=True, help="Keras weights of the model (.h5)")
+    p.add_argument("--model", choices=("seed", "lenet"), default="seed",
+                   help="which CNN: the tutorial's seed CNN, or the benchmark's second one")
     p.add_argument("--requests", type=int, default=None, help="how many (default: until killed)")
     p.add_argument("--batch", type=int, default=1, help="batch size of one request")
+    p.add_argument("--max-requests", type=int, default=1,
+                   help="answer up to this many waiting requests in one computation")
     p.add_argument("--name", default="model", help="name clients use to find this model")
     p.add_argument("--protocol", choices=("securenn", "aby3"), default="securenn",
                    help="MPC protocol (clients follow whichever is served)")

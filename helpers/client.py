@@ -9,11 +9,11 @@ an opened input or result.
 """
 from __future__ import annotations
 
+import atexit
 import os
 import threading
 import time
 import uuid
-from collections import deque
 from dataclasses import dataclass
 from typing import Callable, Iterator, List, Optional, Sequence, TypeVar
 
@@ -27,10 +27,9 @@ from .validation import check_input
 
 T = TypeVar("T")
 _HEALTH_EVERY = 0.5   # seconds between worker checks while waiting
-_MAX_FIRST_LOOK = 0.5  # never wait longer than this before the first look
-_POLL_MAX = 0.004      # longest pause between looks for an answer
-_RECENT = 8            # answers remembered to time the first look
+_POLL_MAX = 0.004      # longest pause between looks while connecting
 _STUCK_GRACE = 15.0    # past its own deadline, how long a call may take to come back
+_RELEASE_WAIT = 5.0    # how long a released request may take to end, when a worker is down
 
 
 def encode(x: np.ndarray, scaling_factor: float) -> np.ndarray:
@@ -76,9 +75,6 @@ class PrivateClient:
         self._lock = threading.Lock()  # one request in flight per client
         self._new_identity()
         self.last_open_device = None
-        # How long recent answers took, to time the first look for the next.
-        self._recent_waits: deque = deque(maxlen=_RECENT)
-        self._first_look = 0.0
         self._stuck: Optional[str] = None  # set when a call never came back
 
     def _bounded(self, fn: Callable[[], T], timeout: float, step: str) -> T:
@@ -159,21 +155,14 @@ class PrivateClient:
         self.channel = None
 
     def _wait(self, condition, deadline: float, step: str, hint: str = "",
-              progress: bool = False, first_look: float = 0.0) -> bool:
-        """Poll ``condition`` until true; check the workers now and then; bounded.
-
-        ``first_look`` seconds pass before the first poll: each poll is a round
-        trip to a worker, so there is no point asking before an answer can be due.
-        Returns True if the very first look found ``condition`` true.
-        """
+              progress: bool = False) -> None:
+        """Poll ``condition`` until true; check the workers now and then; bounded."""
         last_health = last_report = start = time.monotonic()
-        time.sleep(max(0.0, min(first_look, deadline - start)))
         backoff = ch.Backoff(first=0.001, longest=0.1 if progress else _POLL_MAX)
-        first = True
         while True:
             try:
                 if condition():
-                    return first
+                    return
             except tf.errors.OpError as exc:
                 mpc.raise_for_op_error(self.cluster, exc, step)
             now = time.monotonic()
@@ -185,24 +174,7 @@ class PrivateClient:
             if progress and now - last_report >= 5.0:
                 print(f"  still {step} ... {now - start:.0f} s")
                 last_report = now
-            first = False
             backoff.pause(limit=deadline - now)
-
-    def _learn_first_look(self, waited: float, found_at_once: bool) -> None:
-        """Time the first look for the next answer from how this one went.
-
-        If the answer was already there at the first look, we looked too
-        late by an unknown amount: halve the pause. Otherwise ``waited`` is
-        the answer's real time (to within one poll), and the next first look
-        comes a little before the quickest of the recent ones: the private
-        computation's time varies from query to query (by about +-30% here),
-        so the last time alone would often make us look late.
-        """
-        if found_at_once:
-            self._first_look = self._first_look / 2
-            return
-        self._recent_waits.append(waited)
-        self._first_look = min(0.85 * min(self._recent_waits), _MAX_FIRST_LOOK)
 
     def query(self, x, timeout: float = 60.0) -> np.ndarray:
         """Send ``x`` as secret shares, wait for the answer, open it here."""
@@ -212,37 +184,122 @@ class PrivateClient:
         if self.channel is None:
             raise NotConnectedError("call connect_to_model(...) before query_model()")
         x = check_input(x, self.input_shape)
-        return self._bounded(lambda: self._query(x, timeout), timeout,
-                             "waiting for the private prediction")
+        with self._lock:  # one request in flight per client
+            return self._query(x, timeout)
 
     def _query(self, x: np.ndarray, timeout: float) -> np.ndarray:
-        with self._lock:
-            deadline = time.monotonic() + timeout
-            if self._queues is None:
-                self._queues = (self.channel.inputs(self.client_id),
-                                self.channel.outputs(self.client_id))
-            inputs, outputs = self._queues
-            shares = secret_share(encode(x, self._scaling), parties=len(inputs))
+        if self._queues is None:
+            self._queues = (self.channel.inputs(self.client_id),
+                            self.channel.outputs(self.client_id))
+        inputs, outputs = self._queues
+        shares = secret_share(encode(x, self._scaling), parties=len(inputs))
+        step = "waiting for the private prediction"
+        ch.trace(f"client {self.client_id}: asking")
+        client_id, channel = self.client_id, self.channel
+        asking = _Call(lambda: channel.ask(inputs, outputs, shares, client_id),
+                       after=lambda: channel.acknowledge(client_id))
+        try:
+            self._watch(asking, outputs, time.monotonic() + timeout, step)
+        except BaseException:
+            # Whatever went wrong, never reuse these queues: a late answer
+            # must not be taken for the answer to a later query.
+            self._new_identity()
+            raise
+        if asking.error is not None:
+            self._new_identity()
+            if isinstance(asking.error, tf.errors.OpError):
+                mpc.raise_for_op_error(self.cluster, asking.error, "while querying")
+            raise asking.error
+        combined = asking.value
+        ch.trace(f"client {self.client_id}: answered")
+        self.last_open_device = combined.device
+        return decode(combined, self._scaling)
+
+    def _watch(self, asking: "_Call", outputs, deadline: float, step: str) -> None:
+        """Wait for ``asking`` to return; check the workers meanwhile; bounded.
+
+        The request waits inside TensorFlow, in a helper thread. This thread
+        checks the workers every half second and ends the wait at the
+        deadline, or when a worker is down, by releasing the request's own
+        answer queues (see `Channel.release`).
+        """
+        while not asking.done.wait(max(0.0, min(_HEALTH_EVERY, deadline - time.monotonic()))):
+            if time.monotonic() >= deadline:
+                self._release(asking, outputs, step)
+                raise StepTimeoutError(f"timed out {step}. Is serve() running, with requests "
+                                       "left to answer?")
             try:
-                self.channel.send_request(inputs, shares, self.client_id)
-                sent = time.monotonic()
-                ch.trace(f"client {self.client_id}: shares and ticket sent")
-                at_once = self._wait(lambda: self.channel.all_waiting(outputs), deadline,
-                                     "waiting for the private prediction",
-                                     hint="Is serve() running, with requests left to answer?",
-                                     first_look=self._first_look)
-                self._learn_first_look(time.monotonic() - sent, at_once)
-                combined = self.channel.receive_answer(outputs, self.client_id)
-                result = decode(combined, self._scaling)
-            except BaseException as exc:
-                # Whatever went wrong, never reuse these queues: a late answer
-                # must not be taken for the answer to a later query.
-                self._new_identity()
-                if isinstance(exc, tf.errors.OpError):
-                    mpc.raise_for_op_error(self.cluster, exc, "while querying")
+                self.cluster.check(during="while querying")
+            except Exception:
+                # End the wait, best effort, and give it a moment: a thread still
+                # inside TensorFlow when Python exits can abort the interpreter.
+                asking.cancel()
+                _Call(lambda: self.channel.release(outputs))
+                asking.done.wait(_RELEASE_WAIT)
                 raise
-            self.last_open_device = combined.device
-            return result
+
+    def _release(self, asking: "_Call", outputs, step: str) -> None:
+        """End a request's wait; if even that does not come back, a worker is stuck."""
+        asking.cancel()
+        _Call(lambda: self.channel.release(outputs))
+        if not asking.done.wait(_STUCK_GRACE):
+            self._stuck = step
+            raise StepTimeoutError(
+                f"a call to the workers made while {step} did not return within "
+                f"{_STUCK_GRACE:.0f} s of its timeout. A worker accepts connections but does "
+                "not respond: is one stopped or overloaded? Check them with `python -m "
+                "helpers status`, restart the cluster if needed, and connect again.")
+
+
+class _Call:
+    """``fn()`` running in a daemon thread; ``done`` is set when it returns or raises.
+
+    ``after``, if given, runs in the same thread once ``fn`` has returned
+    without error (and nobody called `cancel`), after ``done`` is set: work
+    the waiting thread need not wait for.
+    """
+
+    def __init__(self, fn: Callable[[], T], after: Optional[Callable[[], None]] = None) -> None:
+        self.value = None
+        self.error: Optional[BaseException] = None
+        self.done = threading.Event()
+        self.cancelled = False
+        self._fn, self._after = fn, after
+        self._thread = threading.Thread(target=self._run, name="helpers: call to the workers",
+                                        daemon=True)
+        if after is not None:
+            _unfinished.add(self)
+        self._thread.start()
+
+    def cancel(self) -> None:
+        """Skip ``after``: the result will not be used."""
+        self.cancelled = True
+
+    def _run(self) -> None:
+        try:
+            self.value = self._fn()
+        except BaseException as exc:  # handed to the waiting thread
+            self.error = exc
+        finally:
+            self.done.set()
+        try:
+            if self._after is not None and self.error is None and not self.cancelled:
+                self._after()
+        except Exception:  # best effort: the server stops waiting for it in time
+            pass
+        finally:
+            _unfinished.discard(self)
+
+
+_unfinished: set = set()  # calls whose `after` work may still be running
+
+
+@atexit.register
+def _let_calls_finish() -> None:
+    # A thread still inside TensorFlow when Python exits can abort the
+    # interpreter; an acknowledgement takes a few milliseconds.
+    for call in list(_unfinished):
+        call._thread.join(_RELEASE_WAIT)
 
 
 @dataclass

@@ -32,11 +32,35 @@ def seed_cnn(batch_size: Optional[int] = None) -> tf.keras.Sequential:
     ])
 
 
+def lenet_cnn(batch_size: Optional[int] = None) -> tf.keras.Sequential:
+    """A second, LeNet-5-like CNN (5x5 kernels, two hidden Dense layers).
+
+    The benchmark serves it beside the seed CNN: figures that hold for both
+    are not tuned to one model.
+    """
+    layers = tf.keras.layers
+    return tf.keras.Sequential([
+        layers.Conv2D(6, (5, 5), batch_input_shape=(batch_size, 28, 28, 1)),
+        layers.AveragePooling2D((2, 2)),
+        layers.ReLU(),
+        layers.Conv2D(16, (5, 5)),
+        layers.AveragePooling2D((2, 2)),
+        layers.ReLU(),
+        layers.Flatten(),
+        layers.Dense(84),
+        layers.ReLU(),
+        layers.Dense(10),
+    ])
+
+
+MODELS = {"seed": seed_cnn, "lenet": lenet_cnn}
+
+
 def train_seed_cnn(x_train, y_train, epochs: int = 3, seed: int = 0,
-                   verbose: bool = True) -> tf.keras.Sequential:
-    """Train `seed_cnn` on images scaled to 0..1 with shape (N, 28, 28, 1)."""
+                   verbose: bool = True, kind: str = "seed") -> tf.keras.Sequential:
+    """Train `seed_cnn` (or another CNN of `MODELS`) on images scaled to 0..1, (N, 28, 28, 1)."""
     tf.keras.utils.set_random_seed(seed)
-    model = seed_cnn()
+    model = MODELS[kind]()
     model.compile(optimizer="adam",
                   loss=tf.keras.losses.SparseCategoricalCrossentropy(from_logits=True),
                   metrics=["accuracy"])
@@ -53,12 +77,12 @@ def as_model_input(images) -> "tf.Tensor":
     return (images.reshape(-1, 28, 28, 1) / 255.0).astype("float32")
 
 
-def plaintext_logits(weights: str, x: np.ndarray) -> np.ndarray:
-    """Plaintext logits of the seed CNN with ``weights``, one image at a time.
+def plaintext_logits(weights: str, x: np.ndarray, model: str = "seed") -> np.ndarray:
+    """Plaintext logits of a CNN of `MODELS` with ``weights``, one image at a time.
 
     Call it before this process connects to workers: afterwards every new
     TensorFlow function it traces would be registered on the workers too.
     """
-    model = seed_cnn(batch_size=1)
-    model.load_weights(weights)
-    return np.concatenate([model(x[i:i + 1]).numpy() for i in range(len(x))])
+    keras_model = MODELS[model](batch_size=1)
+    keras_model.load_weights(weights)
+    return np.concatenate([keras_model(x[i:i + 1]).numpy() for i in range(len(x))])

@@ -22,13 +22,11 @@ T = TypeVar("T")
 SUPPORTED_LAYERS = {"Conv2D", "AveragePooling2D", "ReLU", "Activation", "Flatten", "Dense",
                     "InputLayer"}
 _HEALTH_EVERY = 0.5     # seconds between worker checks while idle
-_IDLE_POLL_MAX = 0.1    # longest pause between looks at the ticket queue when idle
-_BUSY_POLL_MAX = 0.004  # ... and while requests keep coming
-_BUSY_FOR = 2.0         # seconds after an answer during which requests "keep coming"
+_NUDGE_AFTER = 1.0      # an idle wait for tickets is woken this often, to look around
 _ACK_BATCH = 32         # collect client acknowledgements in batches of this size
 _ACK_WAIT = 30.0        # how long the last answers may take to reach their clients
 _CACHED_CLIENTS = 64    # queue handles kept for the most recent clients
-_SHARE_WAIT = 10.0      # how long a ticket's input shares may take to show up
+_RECENT_FOR = 1.0       # a client answered this recently is likely to ask again soon
 _PROTOCOL_TITLES = {"securenn": "SecureNN", "aby3": "ABY3"}
 # One call to the workers (a look at the queues, or one private computation)
 # that takes longer than this means a worker is stuck. The slowest call we
@@ -64,10 +62,12 @@ class SharedModel:
 
     def __init__(self, model: tf.keras.Sequential, cluster, name: str = "model",
                  timeout: float = 120.0, verbose: bool = True,
-                 protocol: str = "securenn") -> None:
+                 protocol: str = "securenn", max_requests: int = 1) -> None:
         if protocol not in mpc.PROTOCOLS:
             raise ValueError(f"protocol must be one of {', '.join(mpc.PROTOCOLS)}, "
                              f"got {protocol!r}")
+        if not isinstance(max_requests, int) or max_requests < 1:
+            raise ValueError(f"max_requests must be a whole number >= 1, got {max_requests!r}")
         _check_model(model)
         self.cluster = cluster
         self.name = name
@@ -80,7 +80,13 @@ class SharedModel:
         self._loop = None
         self._loop_thread = None
         self.served = 0
+        self.expected_answers = 0  # answered in the same call that waited for them
+        self.max_requests = max_requests
+        self.pass_sizes = pass_sizes(max_requests)
         self._client_queues: dict = {}
+        self._unacknowledged: set = set()
+        self._recent: dict = {}        # client id -> when it was last answered
+        self._pass_seconds: dict = {}  # pass size -> how long it last took
         start = time.monotonic()
         self.protocol = mpc.connect(cluster, timeout, during="while sharing the model",
                                     protocol=protocol)
@@ -88,16 +94,29 @@ class SharedModel:
         # clone_model shares every weight: blocks if a worker is unreachable.
         self._tfe_model = mpc.call_with_timeout(lambda: tfe.keras.models.clone_model(model),
                                                 timeout, "sharing the model weights")
-        # autograph=False: TF Encrypted's layers use no tensor-dependent Python
-        # control flow, and converting its code took ~15 of the ~18 s of tracing.
-        self._step = tf.function(self._answer_graph, autograph=False)
-        # Trace once now, so the first client does not wait for it.
-        mpc.call_with_timeout(self._warm_up, timeout, "preparing the private computation")
+        # One traced pass per batch size. autograph=False: TF Encrypted's layers
+        # use no tensor-dependent Python control flow, and converting its code
+        # took ~15 of the ~18 s of tracing.
+        self._passes = {size: tf.function(self._answer_graph, autograph=False)
+                        for size in self.pass_sizes}
+        self._expect = tf.function(self._expect_graph, autograph=False)
+        # Trace each now, so no client waits for it.
+        for size in self.pass_sizes:
+            mpc.call_with_timeout(lambda: self._warm_up(size), timeout,
+                                  "preparing the private computation")
+        # The pass that waits for one client's next request is only a speed-up:
+        # prepare it in the background, so the first answer does not wait for it.
+        self._expect_ready = threading.Event()
+        self._expect_thread = threading.Thread(target=self._prepare_expect, daemon=True,
+                                               name="helpers: preparing a pass")
+        self._expect_thread.start()
         self.share_seconds = time.monotonic() - start
         if verbose:
+            together = ("" if max_requests == 1 else
+                        f"; up to {max_requests} requests answered together")
             print(f"Model shared across 3 workers with {_PROTOCOL_TITLES[protocol]} in "
                   f"{self.share_seconds:.1f} s (input {self.input_shape}, "
-                  f"output {self.output_shape}).")
+                  f"output {self.output_shape}{together}).")
 
     def _forward(self, shares):
         """Run the shared model on a secret-shared input; returns output shares.
@@ -109,33 +128,142 @@ class SharedModel:
             return forward_aby3(self.protocol, self._tfe_model, shares, self.channel.devices)
         return forward_securenn(self.protocol, self._tfe_model, shares)
 
-    def _answer_graph(self, inputs, outputs) -> None:
-        """One request as one call: take the input shares, compute, queue the answer."""
+    def _answer_graph(self, used, inputs, outputs) -> None:
+        """One private computation for the requests of several clients.
+
+        ``inputs`` and ``outputs`` hold one tuple of queue handles (one per
+        share-holding worker) per request slot. The first ``used`` slots are
+        real requests. The others are padding: they compute on zeros, which
+        are public, and their answers go nowhere. The handles of a padding
+        slot are any valid ones (the first slot's): they are never touched.
+        """
         tfe.set_protocol(self.protocol)  # the shared layers use the current protocol
         devices = self.channel.devices
-        shares = []
-        for handle, device in zip(inputs, devices):
+        per_party = [[] for _ in devices]
+        for slot, handles in enumerate(inputs):
+            for party, (handle, device) in enumerate(zip(handles, devices)):
+                with tf.device(device):
+                    per_party[party].append(self._take_share(handle, slot, used))
+        shares, answers = [], []
+        for parts, device in zip(per_party, devices):
+            with tf.device(device):  # each worker joins its own shares
+                shares.append(tf.concat(parts, axis=0) if len(parts) > 1 else parts[0])
+        for share, device in zip(self._forward(shares), devices):
             with tf.device(device):
-                share = gen_data_flow_ops.queue_dequeue_v2(handle, component_types=[tf.int64])[0]
-                share.set_shape(self.input_shape)  # a dequeue does not know its shape
-                shares.append(share)
-        for handle, share, device in zip(outputs, self._forward(shares), devices):
-            with tf.device(device):
-                gen_data_flow_ops.queue_enqueue_v2(handle, [share])
+                answers.append(tf.split(share, len(inputs), axis=0) if len(inputs) > 1
+                               else [share])
+        for slot, handles in enumerate(outputs):
+            for party, (handle, device) in enumerate(zip(handles, devices)):
+                with tf.device(device):
+                    self._put_share(handle, answers[party][slot], slot, used)
 
-    def _answer(self, inputs, outputs) -> None:
-        self._step([queue.handle for queue in inputs], [queue.handle for queue in outputs])
+    def _take_share(self, handle, slot: int, used):
+        def take():
+            share = gen_data_flow_ops.queue_dequeue_v2(handle, component_types=[tf.int64])[0]
+            share.set_shape(self.input_shape)  # a dequeue does not know its shape
+            return share
 
-    def _warm_up(self) -> None:
-        """Answer one all-zero request from a private pair of queues."""
+        if slot == 0:  # always a real request: no condition on the quickest path
+            return take()
+        return tf.cond(slot < used, take, lambda: tf.zeros(self.input_shape, tf.int64))
+
+    def _put_share(self, handle, share, slot: int, used) -> None:
+        def put():
+            with tf.control_dependencies([gen_data_flow_ops.queue_enqueue_v2(handle, [share])]):
+                return tf.constant(True)
+
+        if slot == 0:
+            put()
+        else:
+            tf.cond(slot < used, put, lambda: tf.constant(False))
+
+    def _pass_size(self, requests: int) -> int:
+        """The smallest prepared pass that answers ``requests`` requests."""
+        return next(size for size in self.pass_sizes if size >= requests)
+
+    def _answer(self, queues: list) -> None:
+        """Answer the requests whose (input, output) queues are ``queues``, in one pass."""
+        size = self._pass_size(len(queues))
+        padded = queues + [queues[0]] * (size - len(queues))
+        self._passes[size](tf.constant(len(queues)),
+                           [tuple(q.handle for q in inputs) for inputs, _ in padded],
+                           [tuple(q.handle for q in outputs) for _, outputs in padded])
+
+    def _expect_graph(self, tickets, limit, client_id, inputs, outputs):
+        """Wait for tickets; if the only one is ``client_id``'s, answer it in this same call.
+
+        A client that asks one question after another is usually the next to
+        ask. Waiting for its ticket and computing in one call saves the round
+        trip to this process between the two, and the computation starts on
+        the workers as soon as the ticket arrives. Returns the tickets taken,
+        and whether that request was answered here. Any other ticket (or
+        more than one) is left to `_answer`, as usual.
+        """
+        taken = self.channel.take_tickets_on_worker(tickets, limit)
+        with tf.device(self.channel.devices[0]):
+            expected = tf.logical_and(tf.equal(tf.size(taken), 1),
+                                      tf.equal(taken[0], client_id))
+            with tf.control_dependencies([taken]):
+                arrived = tf.timestamp()  # when the ticket came: for the report line only
+
+        def answer():
+            self._answer_graph(tf.constant(1), [inputs], [outputs])
+            return tf.constant(True)
+
+        answered = tf.cond(expected, answer, lambda: tf.constant(False))
+        with tf.device(mpc.local_device()):
+            return tf.identity(taken), tf.identity(answered), tf.identity(arrived)
+
+    def _answer_expected(self, client_id: str, limit: int):
+        """`_expect_graph` for ``client_id``: (ids of the tickets taken, answered here, seconds).
+
+        The seconds are from the ticket's arrival on worker 0 to now, by the
+        two machines' clocks (the same one on a single machine).
+        """
+        inputs, outputs = self._queues_of(client_id)
+        taken, answered, arrived = self._expect(
+            self.channel.tickets.handle, tf.constant(limit, tf.int32), tf.constant(client_id),
+            tuple(q.handle for q in inputs), tuple(q.handle for q in outputs))
+        seconds = max(0.0, time.time() - float(arrived.numpy()))
+        return [ticket.decode() for ticket in taken.numpy()], bool(answered.numpy()), seconds
+
+    def _prepare_expect(self) -> None:
+        try:
+            self._warm_up_expect()
+            self._expect_ready.set()
+        except Exception:  # serving works without it, one round trip slower
+            pass
+
+    def _warm_up_expect(self) -> None:
+        """Run `_expect_graph` once on an all-zero request with a private ticket queue."""
         own = f"warm-up-{uuid.uuid4().hex}"
+        tickets = ch.SharedQueue(self.channel.devices[0], f"{self.channel.prefix}/{own}",
+                                 tf.string, [], 1)
         inputs, outputs = self.channel.inputs(own), self.channel.outputs(own)
-        zeros = np.zeros(self.input_shape, dtype=np.int64)
         for queue in inputs:
-            queue.enqueue(zeros)
-        self._answer(inputs, outputs)
+            queue.enqueue(np.zeros(self.input_shape, dtype=np.int64))
+        tickets.enqueue(own)
+        _, answered, _ = self._expect(tickets.handle, tf.constant(1, tf.int32), tf.constant(own),
+                                   tuple(q.handle for q in inputs),
+                                   tuple(q.handle for q in outputs))
+        if not bool(answered.numpy()):
+            raise ClusterError("the workers did not answer a test request while sharing")
         for queue in outputs:
-            queue.dequeue().numpy()  # waits for the computation to finish
+            queue.dequeue().numpy()
+
+    def _warm_up(self, size: int) -> None:
+        """Answer ``size`` all-zero requests from private queues, tracing that pass."""
+        queues = []
+        zeros = np.zeros(self.input_shape, dtype=np.int64)
+        for _ in range(size):
+            own = f"warm-up-{uuid.uuid4().hex}"
+            queues.append((self.channel.inputs(own), self.channel.outputs(own)))
+            for queue in queues[-1][0]:
+                queue.enqueue(zeros)
+        self._answer(queues)
+        for _, outputs in queues:
+            for queue in outputs:
+                queue.dequeue().numpy()  # waits for the computation to finish
 
     def share_of(self, layer_index: int = 0, party: int = 0) -> np.ndarray:
         """One share of a layer's first weight, as worker ``party`` holds it.
@@ -161,17 +289,17 @@ class SharedModel:
         """Answer ``num_requests`` private requests (all, if None, until `stop()`).
 
         ``timeout`` bounds the whole call in seconds; None waits for requests
-        as long as it takes. Prints one line per request. Returns how many
-        requests were answered. Raises `WorkerDownError` naming a worker that
-        stops answering, `StepTimeoutError` when ``timeout`` runs out, and
-        `WorkerStuckError` naming the worker when one call to the workers
-        takes longer than ``stuck_after`` s (a worker that is up but stuck
-        still accepts connections, so only the wait itself shows it).
+        as long as it takes. Prints one line per private computation. Returns
+        how many requests were answered. Raises `WorkerDownError` naming a
+        worker that stops answering, `StepTimeoutError` when ``timeout`` runs
+        out, and `WorkerStuckError` naming the worker when one call to the
+        workers takes longer than ``stuck_after`` s (a worker that is up but
+        stuck still accepts connections, so only the wait itself shows it).
 
         The requests are answered in a helper thread while this one watches
         it, so an interrupt (Ctrl-C, or Interrupt in a notebook) always gets
-        through: the request in progress is finished, `KeyboardInterrupt` is
-        raised, and you can call `serve()` again, or `stop()`.
+        through: the computation in progress is finished, `KeyboardInterrupt`
+        is raised, and you can call `serve()` again, or `stop()`.
         """
         if self._stopped:
             raise ServingStoppedError("this model's serving was stopped; share it again to serve")
@@ -187,6 +315,7 @@ class SharedModel:
         thread = threading.Thread(target=loop.run, name="helpers: serving", daemon=True)
         self._loop_thread = thread
         thread.start()
+        last_health = time.monotonic()
         try:
             while thread.is_alive():
                 thread.join(_WATCH_EVERY)  # a join with a timeout lets an interrupt through
@@ -194,9 +323,22 @@ class SharedModel:
                     loop.abandon()
                     self._stuck = True
                     raise self._stuck_error(stuck_after)
+                if loop.waiting_for() > _NUDGE_AFTER:
+                    # Wake the idle wait now and then: to see the deadline, and
+                    # so that a stuck worker 0 shows (the nudge never arrives).
+                    loop.nudge()
+                if time.monotonic() - last_health >= _HEALTH_EVERY and thread.is_alive():
+                    last_health = time.monotonic()
+                    try:
+                        self.cluster.check(during="while serving")
+                    except Exception:
+                        loop.abandon()  # the loop ends with its current call
+                        loop.nudge()
+                        raise
         except KeyboardInterrupt:
             loop.finish_soon()
-            thread.join(_INTERRUPT_GRACE)  # the request in progress takes well under that
+            loop.nudge()
+            thread.join(_INTERRUPT_GRACE)  # the computation in progress takes well under that
             if self.verbose:
                 print(f"Interrupted after answering {loop.answered} request(s). Run serve() "
                       "again to go on, or stop() and the cluster's stop() to finish.")
@@ -233,11 +375,8 @@ class SharedModel:
         """The serving loop itself; runs in the helper thread of `serve`."""
         num_requests, deadline = loop.num_requests, loop.deadline
         channel = self.channel
-        waiting_acks = 0
-        last_health = 0.0
-        idle = ch.Backoff(first=0.001, longest=_IDLE_POLL_MAX)
-        last_answer = float("-inf")
         loop.call(channel.announce)
+        last = None  # the client of the last request, if it came alone
         if self.verbose:
             total = "until stopped" if num_requests is None else f"{num_requests} requests"
             print(f"Serving {total} ...", flush=True)
@@ -245,57 +384,99 @@ class SharedModel:
             while num_requests is None or loop.answered < num_requests:
                 if self._stopped or loop.finishing:
                     break
-                client_id = loop.call(channel.take_ticket)
-                if client_id is None:
-                    now = time.monotonic()
-                    if deadline is not None and now >= deadline:
-                        raise StepTimeoutError(
-                            f"serve() answered {loop.answered} of {num_requests} requests "
-                            f"before its timeout of {loop.timeout:.0f} s. Are the clients running?")
-                    if now - last_health >= _HEALTH_EVERY:
-                        self.cluster.check(during="while serving")
-                        last_health = now
-                    # Look often while requests keep coming, rarely once they stop.
-                    idle.longest = _BUSY_POLL_MAX if now - last_answer < _BUSY_FOR else _IDLE_POLL_MAX
-                    idle.pause(limit=float("inf") if deadline is None else deadline - now)
+                if deadline is not None and time.monotonic() >= deadline:
+                    raise StepTimeoutError(
+                        f"serve() answered {loop.answered} of {num_requests} requests "
+                        f"before its timeout of {loop.timeout:.0f} s. Are the clients running?")
+                limit = self.max_requests if num_requests is None else min(
+                    self.max_requests, num_requests - loop.answered)
+                if last is not None and self._expect_ready.is_set() and self._alone(last):
+                    # The last request came alone: its client is likely the next.
+                    taken, answered, seconds = loop.call(
+                        lambda: self._answer_expected(last, limit), waiting=True)
+                    if answered:
+                        self.expected_answers += 1
+                        self._answered([last], seconds, loop)
+                        continue
+                else:
+                    taken = loop.call(lambda: channel.take_tickets(limit), waiting=True)
+                clients = [c for c in taken if c]  # empty ids are nudges: they only wake the wait
+                if not clients:
                     continue
-                idle.reset()
+                clients += self._gather(clients, limit, loop)
                 started = time.monotonic()
-                inputs, outputs = self._queues_of(client_id)
-                ch.trace(f"server: ticket {client_id}")
-                if not self._shares_arrive(inputs, loop):
-                    # A dequeue would block forever; the client will time out.
-                    print(f"  skipped a request whose input shares did not arrive "
-                          f"within {_SHARE_WAIT:.0f} s")
-                    continue
-                loop.call(lambda: self._answer(inputs, outputs))
-                last_answer = time.monotonic()
-                loop.answered += 1
-                waiting_acks += 1
-                self.served += 1
-                if self.verbose:
-                    print(f"  request {self.served:>3} answered in "
-                          f"{(last_answer - started) * 1000:.0f} ms", flush=True)
-                if waiting_acks >= _ACK_BATCH:
-                    waiting_acks -= loop.call(channel.take_acks)
+                ch.trace(f"server: tickets {clients}")
+                loop.call(lambda: self._answer([self._queues_of(c) for c in clients]))
+                took = time.monotonic() - started
+                self._answered(clients, took, loop)
+                last = clients[0] if len(clients) == 1 else None
+                self._pass_seconds[self._pass_size(len(clients))] = took
         except tf.errors.OpError as exc:
             self._raise_worker_problem(exc, "while serving")
         if not loop.finishing:
-            self._wait_for_acks(waiting_acks, loop)
+            self._wait_for_acks(loop)
 
-    def _shares_arrive(self, inputs, loop: "_ServingLoop") -> bool:
-        """Check (waiting a bounded time) that all input shares of a ticket are queued.
+    def _alone(self, client: str) -> bool:
+        """True when ``client`` is the only one answered in the last `_RECENT_FOR` s.
 
-        Clients queue their shares before their ticket, so this is a single
-        look unless a client misbehaves.
+        Only then is it worth waiting for that client's ticket alone: with
+        others around, their requests are better answered together.
         """
-        deadline = time.monotonic() + _SHARE_WAIT
-        backoff = ch.Backoff()
-        while not loop.call(lambda: self.channel.all_waiting(inputs)):
-            if time.monotonic() >= deadline:
-                return False
-            backoff.pause()
-        return True
+        now = time.monotonic()
+        return all(c == client for c, at in self._recent.items() if now - at <= _RECENT_FOR)
+
+    def _gather(self, clients: list, limit: int, loop: "_ServingLoop") -> list:
+        """More tickets from clients that asked recently, if they come soon; bounded.
+
+        Clients that query one after another fall into groups that take turns:
+        while one group's requests are computed, the next group's arrive. Each
+        group alone makes a small batch, though a bigger one costs little
+        more. So when clients that were answered in the last second have not
+        asked yet, wait a little for them: up to half the time of the pass
+        that would answer them. Once their requests meet in one batch, they
+        keep coming back together, and the wait ends as soon as they are in.
+        """
+        now = time.monotonic()
+        for client in [c for c, at in self._recent.items() if now - at > _RECENT_FOR]:
+            del self._recent[client]
+        expected = [c for c in self._recent if c not in clients]
+        room = limit - len(clients)
+        if not expected or room <= 0 or self.max_requests == 1:
+            return []
+        size = self._pass_size(len(clients) + min(room, len(expected)))
+        known = self._pass_seconds
+        window = 0.5 * known.get(size, max(known.values(), default=0.0))
+        deadline = now + window
+        more: list = []
+        while len(more) < min(room, len(expected)) and time.monotonic() < deadline:
+            if self._stopped or loop.finishing:
+                break
+            more += [c for c in loop.call(lambda: self.channel.take_waiting_tickets(
+                room - len(more))) if c]
+            if len(more) < min(room, len(expected)):
+                time.sleep(0.001)
+        return more
+
+    def _answered(self, clients: list, seconds: float, loop: "_ServingLoop") -> None:
+        """Count, report and await the acknowledgements of answered requests."""
+        ch.trace(f"server: answered {len(clients)}")
+        now = time.monotonic()
+        for client in clients:
+            self._recent[client] = now
+        loop.answered += len(clients)
+        self.served += len(clients)
+        self._unacknowledged.update(clients)
+        if self.verbose:
+            self._report(len(clients), seconds)
+        if len(self._unacknowledged) >= _ACK_BATCH:
+            self._unacknowledged.difference_update(loop.call(self.channel.take_acks))
+
+    def _report(self, count: int, seconds: float) -> None:
+        if count == 1:
+            print(f"  request {self.served:>3} answered in {seconds * 1000:.0f} ms", flush=True)
+        else:
+            print(f"  requests {self.served - count + 1} to {self.served} answered together "
+                  f"in {seconds * 1000:.0f} ms", flush=True)
 
     def _queues_of(self, client_id: str):
         """Input and output share queues of one client, looked up once per client."""
@@ -307,20 +488,21 @@ class SharedModel:
             self._client_queues.pop(next(iter(self._client_queues)))
         return queues
 
-    def _wait_for_acks(self, waiting: int, loop: "_ServingLoop") -> None:
+    def _wait_for_acks(self, loop: "_ServingLoop") -> None:
         """Keep the workers needed until every answered client holds its answer."""
         deadline = time.monotonic() + _ACK_WAIT
         try:
             backoff = ch.Backoff(first=0.005, longest=0.1)
-            while waiting > 0 and time.monotonic() < deadline and not loop.finishing:
-                waiting -= loop.call(self.channel.take_acks)
-                if waiting > 0:
+            while self._unacknowledged and time.monotonic() < deadline and not loop.finishing:
+                self._unacknowledged.difference_update(loop.call(self.channel.take_acks))
+                if self._unacknowledged:
                     backoff.pause()
         except tf.errors.OpError as exc:
             self._raise_worker_problem(exc, "while waiting for clients to collect answers")
-        if waiting > 0 and self.verbose:
-            print(f"Warning: {waiting} answer(s) not collected by their clients "
-                  f"within {_ACK_WAIT:.0f} s.")
+        if self._unacknowledged and self.verbose:
+            print(f"Warning: {len(self._unacknowledged)} answer(s) not collected by their "
+                  f"clients within {_ACK_WAIT:.0f} s.")
+        self._unacknowledged.clear()
 
     def _raise_worker_problem(self, exc: Exception, during: str) -> None:
         mpc.raise_for_op_error(self.cluster, exc, during)
@@ -332,8 +514,11 @@ class SharedModel:
         self._stopped = True
         if self._loop is not None:
             self._loop.finish_soon()  # a loop left running (interrupted) ends after its call
+            self._loop.nudge()
         if self._loop_thread is not None and self._loop_thread.is_alive() and not self._stuck:
             self._loop_thread.join(_INTERRUPT_GRACE)
+        # A thread left inside TensorFlow when Python exits can abort it.
+        self._expect_thread.join(_INTERRUPT_GRACE)
         try:
             mpc.call_with_timeout(self.channel.withdraw, 10.0, "withdrawing the model")
         except Exception:  # workers already gone: nothing left to withdraw
@@ -348,6 +533,9 @@ class _ServingLoop:
     The helper thread answers requests; the caller's thread watches how long
     the current call to the workers has been running, and can ask the loop
     to finish after that call (an interrupt) or give up on it (a stuck worker).
+    A call that waits for tickets is not busy: it may wait as long as no
+    request comes. It is woken by a nudge, and it is stuck only if it does not
+    return after one.
     """
 
     def __init__(self, model: SharedModel, num_requests: Optional[int],
@@ -361,6 +549,9 @@ class _ServingLoop:
         self.finishing = False
         self._abandoned = False
         self._call_started: Optional[float] = None
+        self._waiting = False
+        self._nudged_at: Optional[float] = None
+        self._nudging = threading.Lock()
 
     def run(self) -> None:
         try:
@@ -369,8 +560,13 @@ class _ServingLoop:
             if not self._abandoned:
                 self.error = exc
 
-    def call(self, fn: Callable[[], T]) -> T:
-        """Run one call to the workers, timed so the watcher can see a stuck one."""
+    def call(self, fn: Callable[[], T], waiting: bool = False) -> T:
+        """Run one call to the workers, timed so the watcher can see a stuck one.
+
+        ``waiting``: the call waits for tickets, as long as none come.
+        """
+        self._nudged_at = None
+        self._waiting = waiting
         self._call_started = time.monotonic()
         try:
             return fn()
@@ -378,9 +574,44 @@ class _ServingLoop:
             self._call_started = None
 
     def busy_for(self) -> float:
-        """Seconds the current call to the workers has been running (0 between calls)."""
+        """Seconds the current call has been running (0 between calls).
+
+        For a wait for tickets: seconds since it was nudged (0 if not yet).
+        """
+        started, nudged = self._call_started, self._nudged_at
+        if started is None:
+            return 0.0
+        if self._waiting:
+            return 0.0 if nudged is None else time.monotonic() - nudged
+        return time.monotonic() - started
+
+    def waiting_for(self) -> float:
+        """Seconds the current wait for tickets has gone un-nudged (0 otherwise)."""
         started = self._call_started
-        return 0.0 if started is None else time.monotonic() - started
+        if started is None or not self._waiting or self._nudged_at is not None:
+            return 0.0
+        return time.monotonic() - started
+
+    def nudge(self) -> None:
+        """Wake the wait for tickets, in a daemon thread (one nudge at a time).
+
+        If worker 0 is stuck, the nudge itself never returns: then its thread
+        stays behind, and `busy_for` shows the wait as stuck.
+        """
+        if self._nudged_at is None:
+            self._nudged_at = time.monotonic()
+        if not self._nudging.acquire(blocking=False):
+            return  # the previous nudge has not returned yet
+
+        def send() -> None:
+            try:
+                self.model.channel.nudge()
+            except Exception:  # the loop's own call will report the problem
+                pass
+            finally:
+                self._nudging.release()
+
+        threading.Thread(target=send, name="helpers: nudge", daemon=True).start()
 
     def finish_soon(self) -> None:
         """Stop after the call in progress (on an interrupt)."""
@@ -393,17 +624,37 @@ class _ServingLoop:
 
 
 def share(model: tf.keras.Sequential, cluster, name: str = "model", timeout: float = 120.0,
-          verbose: bool = True, protocol: str = "securenn") -> SharedModel:
+          verbose: bool = True, protocol: str = "securenn",
+          max_requests: int = 1) -> SharedModel:
     """Secret-share a Keras model across ``cluster``; return a `SharedModel`.
 
     ``model`` must be a ``tf.keras.Sequential`` of Conv2D, AveragePooling2D,
-    ReLU/Activation, Flatten and Dense layers with a fixed batch size.
-    ``protocol`` is "securenn" (two workers hold shares, the third helps) or
-    "aby3" (all three hold two of three shares; faster on large batches).
-    Clients find out which one is served by themselves.
+    ReLU/Activation, Flatten and Dense layers with a fixed batch size: the
+    shape of one request. ``protocol`` is "securenn" (two workers hold
+    shares, the third helps) or "aby3" (all three hold two of three shares;
+    faster on large batches). Clients find out which one is served by
+    themselves.
+
+    ``max_requests`` > 1 lets requests of different clients that wait at the
+    same time be answered by one private computation, up to that many. Each
+    client still gets only its own answer's shares. Sharing then prepares
+    one computation per size in `pass_sizes`, which takes longer.
     """
     return SharedModel(model, cluster, name=name, timeout=timeout, verbose=verbose,
-                       protocol=protocol)
+                       protocol=protocol, max_requests=max_requests)
+
+
+def pass_sizes(max_requests: int) -> tuple:
+    """How many requests each prepared computation answers: 1, 2, 4, ... up to the most.
+
+    Waiting requests go to the smallest one that holds them all, padded with
+    zeros: a lone request always gets the quickest, single-request pass.
+    """
+    sizes, size = [], 1
+    while size < max_requests:
+        sizes.append(size)
+        size *= 2
+    return tuple(sizes + [max_requests])
 
 
 def forward_securenn(protocol, tfe_model, shares: list) -> list:

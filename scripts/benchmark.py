@@ -36,6 +36,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Optional
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -74,12 +75,26 @@ def plaintext_logits(weights: Path, x: np.ndarray) -> np.ndarray:
     return np.concatenate([model(x[i:i + 100]).numpy() for i in range(0, len(x), 100)])
 
 
-def serve(config: Path, weights: Path, batch: int, requests: int, protocol: str) -> subprocess.Popen:
+def serve(config: Path, weights: Path, batch: int, requests: int, protocol: str,
+          kind: str = "seed", max_requests: int = 1, name: str = "") -> subprocess.Popen:
     return subprocess.Popen(
         [sys.executable, "-m", "helpers", "serve", "--config", str(config), "--weights",
          str(weights), "--batch", str(batch), "--requests", str(requests), "--timeout", "1800",
-         "--name", f"bench-{protocol}-{batch}", "--protocol", protocol, "--quiet"],
+         "--name", name or f"bench-{protocol}-{batch}", "--protocol", protocol, "--quiet",
+         "--model", kind, "--max-requests", str(max_requests)],
         cwd=ROOT, stdout=subprocess.PIPE, text=True)
+
+
+def _finish(server: subprocess.Popen) -> None:
+    """Wait for a serving process that has answered everything (bounded)."""
+    server.wait(timeout=600)
+
+
+def _stop(process: Optional[subprocess.Popen]) -> None:
+    """Stop a process that is still running (after a failure), by its PID."""
+    if process is not None and process.poll() is None:
+        process.terminate()
+        process.wait(timeout=30)
 
 
 def private_figures(protocol: str, cluster, config: Path, weights: Path, x_all: np.ndarray,
@@ -167,7 +182,8 @@ def first_answer_figures(weights: Path, x: np.ndarray, protocol: str) -> dict:
 STOCK_READY_WITHIN = 600.0
 
 
-def _wait_for_line(proc: subprocess.Popen, expected: str, timeout: float) -> None:
+def _wait_for_line(proc: subprocess.Popen, expected: str, timeout: float,
+                   what: str = "the stock server") -> None:
     """Read ``proc``'s output until a line equals ``expected``; bounded by ``timeout`` s."""
     deadline = time.monotonic() + timeout
     fd = proc.stdout.fileno()
@@ -179,11 +195,11 @@ def _wait_for_line(proc: subprocess.Popen, expected: str, timeout: float) -> Non
             break
         chunk = os.read(fd, 4096)
         if not chunk:
-            raise RuntimeError(f"the stock server exited (status {proc.wait()}) before '{expected}'")
+            raise RuntimeError(f"{what} exited (status {proc.wait()}) before '{expected}'")
         pending += chunk
         if expected.encode() in (line.strip() for line in pending.split(b"\n")):
             return
-    raise RuntimeError(f"the stock server did not print '{expected}' within {timeout:.0f} s")
+    raise RuntimeError(f"{what} did not print '{expected}' within {timeout:.0f} s")
 
 
 def stock_figures(config: Path, weights: Path, queries: int) -> dict:
@@ -219,11 +235,12 @@ def stock_figures(config: Path, weights: Path, queries: int) -> dict:
     return figures
 
 
-def floor_figures(weights: Path, protocol: str) -> dict:
+def floor_figures(weights: Path, protocol: str, kind: str = "seed",
+                  batches: tuple = BATCHES) -> dict:
     """The private computation alone, in one process (scripts/protocol_floor.py)."""
     proc = subprocess.run([sys.executable, str(ROOT / "scripts" / "protocol_floor.py"), protocol,
-                           ",".join(map(str, BATCHES)), "--weights", str(weights)], cwd=ROOT,
-                          capture_output=True, text=True, timeout=1800)
+                           ",".join(map(str, batches)), "--weights", str(weights), "--model",
+                           kind], cwd=ROOT, capture_output=True, text=True, timeout=1800)
     if proc.returncode != 0:
         raise RuntimeError(f"protocol_floor.py {protocol} failed:\n{proc.stderr[-2000:]}")
     figures = {}
@@ -231,15 +248,188 @@ def floor_figures(weights: Path, protocol: str) -> dict:
         if line.startswith("{"):
             row = json.loads(line)
             figures[row["batch"]] = {"median": row["median_s"], "images_per_s": row["images_per_s"]}
-    print(f"{protocol} alone, one process: batch 1 {figures[1]['median'] * 1000:.0f} ms, "
-          f"batch {max(BATCHES)} {figures[max(BATCHES)]['images_per_s']:.0f} images/s", flush=True)
+    print(f"{kind} {protocol} alone, one process: batch 1 {figures[1]['median'] * 1000:.0f} ms, "
+          f"batch {max(batches)} {figures[max(batches)]['images_per_s']:.0f} images/s", flush=True)
     return figures
+
+
+CLIENTS = 4  # clients querying at once, each at batch 1
+
+
+def distributed_floor(config: Path, weights: Path, kind: str, protocol: str,
+                      batches: tuple) -> dict:
+    """The served computation driven directly on the cluster's workers (protocol_floor.py)."""
+    proc = subprocess.run([sys.executable, str(ROOT / "scripts" / "protocol_floor.py"), protocol,
+                           ",".join(map(str, batches)), "--weights", str(weights), "--model",
+                           kind, "--config", str(config), "--repeats", "60"], cwd=ROOT,
+                          capture_output=True, text=True, timeout=1800)
+    if proc.returncode != 0:
+        raise RuntimeError(f"distributed floor {kind} {protocol} failed:\n{proc.stderr[-2000:]}")
+    rows = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
+    return {row["batch"]: {"median": row["median_s"], "images_per_s": row["images_per_s"]}
+            for row in rows}
+
+
+def _next_json(proc: subprocess.Popen):
+    """The next line of ``proc``'s output that is JSON (libraries may print other lines)."""
+    for line in proc.stdout:
+        if line.startswith(("[", "{")):
+            return json.loads(line)
+    raise RuntimeError(f"the process ended (status {proc.wait()}) without its figures")
+
+
+def side_by_side(cluster, config: Path, weights: Path, kind: str, protocol: str, batch: int,
+                 queries: int, x: np.ndarray, rounds: int = 10) -> dict:
+    """Median time per call of the distributed floor and of serving, in alternating rounds.
+
+    The floor's driver and a serving process both stay connected to the same
+    workers, and take turns (this process is the serving's client), so that
+    the machine's drift, which is large on shared machines, hits both alike.
+    """
+    name = f"floor-{kind}-{protocol}-{batch}"
+    floor = subprocess.Popen([sys.executable, str(ROOT / "scripts" / "protocol_floor.py"),
+                              protocol, str(batch), "--weights", str(weights), "--model", kind,
+                              "--config", str(config), "--interleaved"], cwd=ROOT, text=True,
+                             stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+    server = None
+    floor_times, served_times = [], []
+    try:
+        _wait_for_line(floor, "ready", 600, what="the distributed floor")
+        server = serve(config, weights, batch, queries + 1, protocol, kind=kind, name=name)
+        client = helpers.TFEWorker()
+        client.connect_to_model((batch, 28, 28, 1), (batch, 10), cluster, timeout=600,
+                                model_name=name)
+        client.query_model(x[:batch], timeout=600)  # the first query, untimed
+        per_round = max(1, queries // rounds)
+        for i in range(queries):
+            if i % per_round == 0:
+                floor.stdin.write(f"{per_round}\n")
+                floor.stdin.flush()
+                floor_times += _next_json(floor)
+            sample = x[(i * batch) % 9000:(i * batch) % 9000 + batch]
+            began = time.perf_counter()
+            client.query_model(sample, timeout=600)
+            served_times.append(time.perf_counter() - began)
+        floor.stdin.write("done\n")
+        floor.stdin.flush()
+        json.loads(floor.communicate(timeout=300)[0].strip().splitlines()[-1])  # its check passed
+        if floor.returncode != 0:
+            raise RuntimeError(f"the distributed floor failed (status {floor.returncode})")
+        _finish(server)
+    finally:
+        _stop(floor)
+        _stop(server)
+    result = {}
+    for key, times in (("floor", floor_times), ("served", served_times)):
+        median = float(np.median(times))
+        result[key] = {"median": median, "images_per_s": batch / median}
+    return result
+
+
+def concurrent_figures(config: Path, weights: Path, kind: str, protocol: str,
+                       queries: int) -> dict:
+    """`CLIENTS` client processes at batch 1, all at once, against one batching server."""
+    name = f"together-{kind}-{protocol}"
+    server = serve(config, weights, 1, CLIENTS * (queries + 1), protocol, kind=kind,
+                   max_requests=CLIENTS, name=name)
+    script = str(ROOT / "scripts" / "concurrent_clients.py")
+    clients = [subprocess.Popen([sys.executable, script, str(config), name, str(weights), kind,
+                                 str(i * queries), str(queries)], cwd=ROOT, text=True,
+                                stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+               for i in range(CLIENTS)]
+    try:
+        for client in clients:
+            # Skip the progress lines of connecting ("still waiting ..."), bounded.
+            _wait_for_line(client, "ready", 600, what="a concurrent client")
+        for client in clients:  # all connected and warm: go
+            client.stdin.write("go\n")
+            client.stdin.flush()
+        rows = [json.loads(client.communicate(timeout=1800)[0].strip().splitlines()[-1])
+                for client in clients]
+        _finish(server)
+    finally:
+        for client in clients:
+            _stop(client)
+        _stop(server)
+    total = sum(row["queries"] for row in rows)
+    same = sum(row["same_class"] for row in rows)
+    if same != total:
+        raise RuntimeError(f"{kind} {protocol}: {total - same} of {total} answers to concurrent "
+                           "clients did not match plaintext's class")
+    seconds = max(row["ended"] for row in rows) - min(row["started"] for row in rows)
+    return {"images_per_s": total / seconds, "same_class": same, "queries": total,
+            "max_logit_diff": max(row["max_logit_diff"] for row in rows)}
+
+
+def against_the_floor(kind: str, weights: Path, x: np.ndarray, queries: int,
+                      protocols: tuple = PROTOCOLS) -> dict:
+    """Serving next to the distributed floor, on three fresh workers of its own per model."""
+    figures: dict = {}
+    config = weights.with_suffix(".cluster.json")
+    workers = [helpers.TFEWorker(name=n) for n in ("alice", "bob", "carol")]
+    with helpers.TFECluster(*workers, verbose=False) as cluster:
+        cluster.save(config)
+        for protocol in protocols:
+            big = (100,) if kind == "seed" else ()
+            floor = distributed_floor(config, weights, kind, protocol, (CLIENTS,))
+            row = {"floor": floor, "served": {}}
+            for batch, count in ((1, queries),) + tuple((b, 10) for b in big):
+                pair = side_by_side(cluster, config, weights, kind, protocol, batch, count, x)
+                floor[batch], row["served"][batch] = pair["floor"], pair["served"]
+            row["together"] = concurrent_figures(config, weights, kind, protocol,
+                                                 max(10, queries // 2))
+            figures[protocol] = row
+            print(f"{kind} {protocol}: batch 1 {row['served'][1]['median'] * 1000:.0f} ms, "
+                  f"distributed floor {floor[1]['median'] * 1000:.0f} ms "
+                  f"({row['served'][1]['median'] / floor[1]['median']:.2f}x); {CLIENTS} clients "
+                  f"at once {row['together']['images_per_s']:.0f} images/s, floor at batch "
+                  f"{CLIENTS} {floor[CLIENTS]['images_per_s']:.0f} "
+                  f"({row['together']['images_per_s'] / floor[CLIENTS]['images_per_s']:.2f}x)",
+                  flush=True)
+    return figures
+
+
+def floor_table(figures: dict, in_process: dict, stock: dict) -> list:
+    """Markdown rows: each serving figure against the floors (and stock, where measured)."""
+    lines = ["| figure | in-process floor | distributed floor | helpers | helpers / distributed "
+             "floor | helpers / in-process floor | stock / helpers |", "|---|---|---|---|---|---|---|"]
+    titles = {"seed": "seed CNN", "lenet": "LeNet-like CNN"}
+    for kind, by_protocol in figures.items():
+        for protocol in by_protocol:
+            title = f"{titles[kind]}, {'SecureNN' if protocol == 'securenn' else 'ABY3'}"
+            row, alone = by_protocol[protocol], in_process[kind][protocol]
+            floor, served = row["floor"], row["served"]
+            stock_b1 = (f"{stock[1]['median'] / served[1]['median']:.2f}x"
+                        if stock and kind == "seed" and protocol == "securenn" else "")
+            lines.append(f"| {title}, batch-1 median | {alone[1]['median'] * 1000:.1f} ms "
+                         f"| {floor[1]['median'] * 1000:.1f} ms "
+                         f"| {served[1]['median'] * 1000:.1f} ms "
+                         f"| {served[1]['median'] / floor[1]['median']:.2f}x "
+                         f"| {served[1]['median'] / alone[1]['median']:.2f}x | {stock_b1} |")
+            if 100 in served:
+                lines.append(f"| {title}, batch 100 | {alone[100]['images_per_s']:.0f} img/s "
+                             f"| {floor[100]['images_per_s']:.0f} img/s "
+                             f"| {served[100]['images_per_s']:.0f} img/s "
+                             f"| {served[100]['images_per_s'] / floor[100]['images_per_s']:.2f}x "
+                             f"| {served[100]['images_per_s'] / alone[100]['images_per_s']:.2f}x |"
+                             f" |")
+            together = row["together"]["images_per_s"]
+            lines.append(f"| {title}, {CLIENTS} clients at batch 1 at once (floors: batch "
+                         f"{CLIENTS}) | {alone[CLIENTS]['images_per_s']:.0f} img/s "
+                         f"| {floor[CLIENTS]['images_per_s']:.0f} img/s | {together:.0f} img/s "
+                         f"| {together / floor[CLIENTS]['images_per_s']:.2f}x "
+                         f"| {together / alone[CLIENTS]['images_per_s']:.2f}x | |")
+    return lines
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="a short smoke run")
     parser.add_argument("--out", default=str(ROOT / "bench-results"))
+    parser.add_argument("--floors-only", action="store_true",
+                        help="only serving against the floors (both models), about 15 minutes")
+    parser.add_argument("--pairs", default="",
+                        help='with --floors-only: only these, e.g. "seed:aby3,lenet:securenn"')
     args = parser.parse_args()
     latency_queries = 30 if args.quick else 200
     agreement_images = 1000 if args.quick else 10000
@@ -248,18 +438,41 @@ def main() -> int:
 
     (x_train, y_train), (x_test, y_test) = helpers.load_mnist()
     x_all = as_model_input(x_test)
-    print("Training the seed CNN (3 epochs) ...", flush=True)
+    print("Training the seed CNN (3 epochs) and the LeNet-like CNN (2 epochs) ...", flush=True)
     model = train_seed_cnn(as_model_input(x_train), y_train, epochs=3, verbose=False)
     accuracy = float(np.mean(model.predict(x_all, verbose=0).argmax(1) == y_test))
+    lenet = train_seed_cnn(as_model_input(x_train), y_train, epochs=2, verbose=False,
+                           kind="lenet")
 
     with tempfile.TemporaryDirectory(prefix="tfe-bench-") as tmp:
         weights, config = Path(tmp) / "w.h5", Path(tmp) / "cluster.json"
         model.save_weights(weights)
+        kinds = {"seed": weights, "lenet": Path(tmp) / "lenet.h5"}
+        lenet.save_weights(kinds["lenet"])
         # Everything plaintext happens before this process connects to the workers.
         plain = plaintext_figures(weights, x_all, latency_queries)
         plain_logits = plaintext_logits(weights, x_all[:agreement_images])
 
+        if args.floors_only:
+            pairs = [tuple(pair.split(":")) for pair in args.pairs.split(",") if pair] or [
+                (kind, p) for kind in kinds for p in PROTOCOLS]
+            chosen = {kind: tuple(p for k, p in pairs if k == kind) for kind in kinds}
+            chosen = {kind: protocols for kind, protocols in chosen.items() if protocols}
+            in_process = {kind: {p: floor_figures(kinds[kind], p, kind, (1, CLIENTS) + (
+                (100,) if kind == "seed" else ())) for p in protocols}
+                for kind, protocols in chosen.items()}
+            against = {kind: against_the_floor(kind, kinds[kind], x_all, latency_queries,
+                                               protocols)
+                       for kind, protocols in chosen.items()}
+            text = "\n".join(floor_table(against, in_process, None))
+            print("\n" + text)
+            (out / "floors.md").write_text(text + "\n")
+            return 0
         floor = {protocol: floor_figures(weights, protocol) for protocol in PROTOCOLS}
+        in_process = {"seed": {p: {**floor[p], **floor_figures(weights, p, "seed", (CLIENTS,))}
+                               for p in PROTOCOLS},
+                      "lenet": {p: floor_figures(kinds["lenet"], p, "lenet", (1, CLIENTS))
+                                for p in PROTOCOLS}}
         first = {protocol: first_answer_figures(weights, x_all, protocol) for protocol in PROTOCOLS}
         workers = [helpers.TFEWorker(name=n) for n in ("alice", "bob", "carol")]
         cluster = helpers.TFECluster(*workers, verbose=False)
@@ -270,6 +483,9 @@ def main() -> int:
             private = {protocol: private_figures(protocol, cluster, config, weights, x_all,
                                                  latency_queries, agreement_images, t0)
                        for protocol in PROTOCOLS}
+        print("Serving against the distributed floor, fresh workers per model ...", flush=True)
+        against = {kind: against_the_floor(kind, path, x_all, latency_queries)
+                   for kind, path in kinds.items()}
         # Stock gets three fresh workers of its own, so it does not inherit
         # the memory that the helpers' runs left on these (and once, after
         # them, its sharing stalled for minutes on the used workers).
@@ -334,6 +550,9 @@ def main() -> int:
              "| private (best) / plaintext | stock tfe.serving (SecureNN) "
              "| best helpers vs stock |", "|---|---|---|---|---|---|---|"]
     table += ["| " + " | ".join(row) + " |" for row in rows]
+    table += ["", "Against the floors (the distributed floor is the served computation driven "
+              "directly on the same workers: no queues, no serving loop):", ""]
+    table += floor_table(against, in_process, stock)
     text = "\n".join(table)
     print("\n" + text)
     (out / "benchmark.md").write_text(text + "\n")

@@ -153,3 +153,54 @@ def test_query_before_connect_and_serve_after_stop_are_refused():
     stopped._stopped = True
     with pytest.raises(ServingStoppedError, match="stopped"):
         stopped.serve(num_requests=1)
+
+
+UNANSWERED = """
+import json, sys, threading, time
+import numpy as np
+from helpers import StepTimeoutError, TFECluster, TFEWorker, load_mnist, share
+from helpers.models import as_model_input, plaintext_logits, seed_cnn
+
+weights = sys.argv[2]
+images = as_model_input(load_mnist()[1][0][:2])
+plain = plaintext_logits(weights, images)  # before connecting
+cluster = TFECluster.load(sys.argv[1], timeout=60, verbose=False)
+model = seed_cnn(batch_size=1)
+model.load_weights(weights)
+shared = share(model, cluster, verbose=False)
+shared.channel.announce()  # served, as far as clients can tell, but nobody answers yet
+client = TFEWorker()
+client.connect_to_model((1, 28, 28, 1), (1, 10), cluster, timeout=60)
+began = time.monotonic()
+try:
+    client.query_model(images[:1], timeout=3)
+    print("RESULT answered?!")
+except StepTimeoutError as exc:
+    print(f"TIMEOUT after {time.monotonic() - began:.1f} s: {exc}", flush=True)
+# Now serve both requests: the abandoned one (its ticket still waits) and a new one.
+serving = threading.Thread(target=shared.serve, kwargs=dict(num_requests=2, timeout=60))
+serving.start()
+second = client.query_model(images[1:2], timeout=60)[0]
+serving.join(60)
+shared.stop()
+print("SECOND", float(np.abs(second - plain[1]).max()), int(second.argmax()), int(plain[1].argmax()),
+      int(plain[0].argmax()))
+"""
+
+
+def test_an_unanswered_query_times_out_and_its_late_answer_reaches_nobody(tmp_path, seed_weights):
+    # The client waits inside TensorFlow for its answer. At its timeout it ends
+    # that wait itself and moves to fresh queues, so the answer to the
+    # abandoned request, computed later, can never be taken for the next one.
+    from conftest import run_on_fresh_cluster
+
+    proc = run_on_fresh_cluster(UNANSWERED, tmp_path, seed_weights, timeout=600)
+    out = proc.stdout
+    timeout_line = [line for line in out.splitlines() if line.startswith("TIMEOUT")]
+    assert timeout_line, out + proc.stderr[-2000:]
+    seconds = float(timeout_line[0].split()[2])
+    assert 3 <= seconds < 3 + DOWN_GRACE, timeout_line[0]
+    assert "Is serve() running" in timeout_line[0]
+    diff, private_class, plain_class, first_class = out.split("SECOND")[1].split()
+    assert float(diff) < LOGIT_TOLERANCE
+    assert int(private_class) == int(plain_class) != int(first_class)  # its own answer
