@@ -80,7 +80,6 @@ class SharedModel:
         self._loop = None
         self._loop_thread = None
         self.served = 0
-        self.expected_answers = 0  # answered in the same call that waited for them
         self.max_requests = max_requests
         self.pass_sizes = pass_sizes(max_requests)
         self._client_queues: dict = {}
@@ -99,17 +98,10 @@ class SharedModel:
         # took ~15 of the ~18 s of tracing.
         self._passes = {size: tf.function(self._answer_graph, autograph=False)
                         for size in self.pass_sizes}
-        self._expect = tf.function(self._expect_graph, autograph=False)
         # Trace each now, so no client waits for it.
         for size in self.pass_sizes:
             mpc.call_with_timeout(lambda: self._warm_up(size), timeout,
                                   "preparing the private computation")
-        # The pass that waits for one client's next request is only a speed-up:
-        # prepare it in the background, so the first answer does not wait for it.
-        self._expect_ready = threading.Event()
-        self._expect_thread = threading.Thread(target=self._prepare_expect, daemon=True,
-                                               name="helpers: preparing a pass")
-        self._expect_thread.start()
         self.share_seconds = time.monotonic() - start
         if verbose:
             together = ("" if max_requests == 1 else
@@ -188,68 +180,6 @@ class SharedModel:
         self._passes[size](tf.constant(len(queues)),
                            [tuple(q.handle for q in inputs) for inputs, _ in padded],
                            [tuple(q.handle for q in outputs) for _, outputs in padded])
-
-    def _expect_graph(self, tickets, limit, client_id, inputs, outputs):
-        """Wait for tickets; if the only one is ``client_id``'s, answer it in this same call.
-
-        A client that asks one question after another is usually the next to
-        ask. Waiting for its ticket and computing in one call saves the round
-        trip to this process between the two, and the computation starts on
-        the workers as soon as the ticket arrives. Returns the tickets taken,
-        and whether that request was answered here. Any other ticket (or
-        more than one) is left to `_answer`, as usual.
-        """
-        taken = self.channel.take_tickets_on_worker(tickets, limit)
-        with tf.device(self.channel.devices[0]):
-            expected = tf.logical_and(tf.equal(tf.size(taken), 1),
-                                      tf.equal(taken[0], client_id))
-            with tf.control_dependencies([taken]):
-                arrived = tf.timestamp()  # when the ticket came: for the report line only
-
-        def answer():
-            self._answer_graph(tf.constant(1), [inputs], [outputs])
-            return tf.constant(True)
-
-        answered = tf.cond(expected, answer, lambda: tf.constant(False))
-        with tf.device(mpc.local_device()):
-            return tf.identity(taken), tf.identity(answered), tf.identity(arrived)
-
-    def _answer_expected(self, client_id: str, limit: int):
-        """`_expect_graph` for ``client_id``: (ids of the tickets taken, answered here, seconds).
-
-        The seconds are from the ticket's arrival on worker 0 to now, by the
-        two machines' clocks (the same one on a single machine).
-        """
-        inputs, outputs = self._queues_of(client_id)
-        taken, answered, arrived = self._expect(
-            self.channel.tickets.handle, tf.constant(limit, tf.int32), tf.constant(client_id),
-            tuple(q.handle for q in inputs), tuple(q.handle for q in outputs))
-        seconds = max(0.0, time.time() - float(arrived.numpy()))
-        return [ticket.decode() for ticket in taken.numpy()], bool(answered.numpy()), seconds
-
-    def _prepare_expect(self) -> None:
-        try:
-            self._warm_up_expect()
-            self._expect_ready.set()
-        except Exception:  # serving works without it, one round trip slower
-            pass
-
-    def _warm_up_expect(self) -> None:
-        """Run `_expect_graph` once on an all-zero request with a private ticket queue."""
-        own = f"warm-up-{uuid.uuid4().hex}"
-        tickets = ch.SharedQueue(self.channel.devices[0], f"{self.channel.prefix}/{own}",
-                                 tf.string, [], 1)
-        inputs, outputs = self.channel.inputs(own), self.channel.outputs(own)
-        for queue in inputs:
-            queue.enqueue(np.zeros(self.input_shape, dtype=np.int64))
-        tickets.enqueue(own)
-        _, answered, _ = self._expect(tickets.handle, tf.constant(1, tf.int32), tf.constant(own),
-                                   tuple(q.handle for q in inputs),
-                                   tuple(q.handle for q in outputs))
-        if not bool(answered.numpy()):
-            raise ClusterError("the workers did not answer a test request while sharing")
-        for queue in outputs:
-            queue.dequeue().numpy()
 
     def _warm_up(self, size: int) -> None:
         """Answer ``size`` all-zero requests from private queues, tracing that pass."""
@@ -376,7 +306,6 @@ class SharedModel:
         num_requests, deadline = loop.num_requests, loop.deadline
         channel = self.channel
         loop.call(channel.announce)
-        last = None  # the client of the last request, if it came alone
         if self.verbose:
             total = "until stopped" if num_requests is None else f"{num_requests} requests"
             print(f"Serving {total} ...", flush=True)
@@ -390,16 +319,7 @@ class SharedModel:
                         f"before its timeout of {loop.timeout:.0f} s. Are the clients running?")
                 limit = self.max_requests if num_requests is None else min(
                     self.max_requests, num_requests - loop.answered)
-                if last is not None and self._expect_ready.is_set() and self._alone(last):
-                    # The last request came alone: its client is likely the next.
-                    taken, answered, seconds = loop.call(
-                        lambda: self._answer_expected(last, limit), waiting=True)
-                    if answered:
-                        self.expected_answers += 1
-                        self._answered([last], seconds, loop)
-                        continue
-                else:
-                    taken = loop.call(lambda: channel.take_tickets(limit), waiting=True)
+                taken = loop.call(lambda: channel.take_tickets(limit), waiting=True)
                 clients = [c for c in taken if c]  # empty ids are nudges: they only wake the wait
                 if not clients:
                     continue
@@ -409,21 +329,11 @@ class SharedModel:
                 loop.call(lambda: self._answer([self._queues_of(c) for c in clients]))
                 took = time.monotonic() - started
                 self._answered(clients, took, loop)
-                last = clients[0] if len(clients) == 1 else None
                 self._pass_seconds[self._pass_size(len(clients))] = took
         except tf.errors.OpError as exc:
             self._raise_worker_problem(exc, "while serving")
         if not loop.finishing:
             self._wait_for_acks(loop)
-
-    def _alone(self, client: str) -> bool:
-        """True when ``client`` is the only one answered in the last `_RECENT_FOR` s.
-
-        Only then is it worth waiting for that client's ticket alone: with
-        others around, their requests are better answered together.
-        """
-        now = time.monotonic()
-        return all(c == client for c, at in self._recent.items() if now - at <= _RECENT_FOR)
 
     def _gather(self, clients: list, limit: int, loop: "_ServingLoop") -> list:
         """More tickets from clients that asked recently, if they come soon; bounded.
@@ -517,8 +427,6 @@ class SharedModel:
             self._loop.nudge()
         if self._loop_thread is not None and self._loop_thread.is_alive() and not self._stuck:
             self._loop_thread.join(_INTERRUPT_GRACE)
-        # A thread left inside TensorFlow when Python exits can abort it.
-        self._expect_thread.join(_INTERRUPT_GRACE)
         try:
             mpc.call_with_timeout(self.channel.withdraw, 10.0, "withdrawing the model")
         except Exception:  # workers already gone: nothing left to withdraw
