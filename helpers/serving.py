@@ -356,15 +356,24 @@ class SharedModel:
         size = self._pass_size(len(clients) + min(room, len(expected)))
         known = self._pass_seconds
         window = 0.5 * known.get(size, max(known.values(), default=0.0))
-        deadline = now + window
+        if window <= 0:
+            return []
+        wanted = min(room, len(expected))
         more: list = []
-        while len(more) < min(room, len(expected)) and time.monotonic() < deadline:
-            if self._stopped or loop.finishing:
-                break
-            more += [c for c in loop.call(lambda: self.channel.take_waiting_tickets(
-                room - len(more))) if c]
-            if len(more) < min(room, len(expected)):
-                time.sleep(0.001)
+        # Wait for tickets inside TensorFlow, woken by a nudge when the window
+        # closes: polling would take CPU from the clients preparing requests.
+        timer = threading.Timer(window, loop.nudge)
+        timer.daemon = True
+        timer.start()
+        try:
+            while len(more) < wanted and not (self._stopped or loop.finishing):
+                taken = loop.call(lambda: self.channel.take_tickets(room - len(more)),
+                                  waiting=True)
+                more += [c for c in taken if c]
+                if "" in taken or time.monotonic() >= now + window:
+                    break  # the window's nudge (or the watcher's) came
+        finally:
+            timer.cancel()  # one that already fired leaves a nudge: the loop skips it
         return more
 
     def _answered(self, clients: list, seconds: float, loop: "_ServingLoop") -> None:
