@@ -8,6 +8,7 @@ so the notebooks can show the ideas:
 * `TFEWorker.connect_to_model` / `query_model`: the private-prediction client.
 * `secret_share`: the client's additive secret sharing, for the notebooks' pictures.
 * `load_mnist`: MNIST without a download.
+* `with_batch_size`: a saved model with the fixed batch size that sharing needs.
 * `setup_summary`: versions and the randomness source, for a setup cell.
 """
 # First of all, before anything imports TensorFlow or TF Encrypted: select
@@ -33,13 +34,14 @@ from .errors import (  # noqa: E402
     WorkerStartError,
     WorkerStuckError,
 )
+from .models import with_batch_size  # noqa: E402
 from .processes import cleanup_stale  # noqa: E402
 from .serving import SharedModel, share  # noqa: E402
 from .validation import InputRangeWarning  # noqa: E402
 
 __all__ = [
     "TFEWorker", "TFECluster", "read_config", "share", "SharedModel", "load_mnist",
-    "secret_share", "setup_summary",
+    "secret_share", "setup_summary", "with_batch_size",
     "cleanup_stale", "HelpersError", "ClusterError", "PortInUseError", "WorkerStartError", "WorkerDownError",
     "StepTimeoutError", "WorkerStuckError", "ConfigError", "KerasModeError", "NotConnectedError", "ServingStoppedError",
     "InputRangeWarning",

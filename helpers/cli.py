@@ -77,11 +77,10 @@ def _cmd_cleanup(args: argparse.Namespace) -> int:
 def _cmd_serve(args: argparse.Namespace) -> int:
     from . import share
     from .cluster import TFECluster
-    from .models import MODELS
+    from .models import load
 
     cluster = TFECluster.load(args.config, timeout=args.timeout, verbose=not args.quiet)
-    model = MODELS[args.model](batch_size=args.batch)
-    model.load_weights(args.weights)
+    model = load(args.weights, args.model, batch_size=args.batch)
     shared = share(model, cluster, name=args.name, timeout=args.timeout, verbose=not args.quiet,
                    protocol=args.protocol, max_requests=args.max_requests)
     try:
@@ -158,9 +157,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("serve", help="share a CNN's weights and serve requests")
     p.add_argument("--config", required=True, help="hostmap written by a running cluster")
-    p.add_argument("--weights", required=True, help="Keras weights of the model (.h5)")
+    p.add_argument("--weights", required=True, help="a whole saved model (.keras, as notebook 01 saves it), or Keras "
+                   "weights (.h5) of the --model CNN")
     p.add_argument("--model", choices=("seed", "lenet"), default="seed",
-                   help="which CNN: the tutorial's seed CNN, or the benchmark's second one")
+                   help="with .h5 weights, which CNN: the tutorial's seed CNN, or the "
+                   "benchmark's second one")
     p.add_argument("--requests", type=int, default=None, help="how many (default: until killed)")
     p.add_argument("--batch", type=int, default=1, help="batch size of one request")
     p.add_argument("--max-requests", type=int, default=1,
@@ -176,7 +177,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", required=True, help="hostmap written by a running cluster")
     p.add_argument("--images", type=int, default=5)
     p.add_argument("--first", type=int, default=0, help="index of the first test image")
-    p.add_argument("--weights", help="also compute plaintext logits from these weights")
+    p.add_argument("--weights", help="also compute plaintext logits from this model (.keras) "
+                   "or these seed-CNN weights (.h5)")
     p.add_argument("--json", action="store_true", help="one JSON object per image")
     p.add_argument("--timeout", type=float, default=300.0)
     p.set_defaults(func=_cmd_query)

@@ -1,6 +1,7 @@
-"""The tutorial's seed CNN, for the demo, the tests and the benchmark.
+"""The tutorial's CNNs, and loading a saved one with a fixed batch size.
 
-Notebook 01 builds the same model cell by cell, to show the reader each layer.
+Notebook 01 builds the seed CNN cell by cell, to show the reader each layer,
+and saves the whole model; notebooks 02 and 03 load it from that one file.
 """
 from __future__ import annotations
 
@@ -77,12 +78,54 @@ def as_model_input(images) -> "tf.Tensor":
     return (images.reshape(-1, 28, 28, 1) / 255.0).astype("float32")
 
 
-def plaintext_logits(weights: str, x: np.ndarray, model: str = "seed") -> np.ndarray:
-    """Plaintext logits of a CNN of `MODELS` with ``weights``, one image at a time.
+def with_batch_size(model: tf.keras.Sequential, batch_size: Optional[int]) -> tf.keras.Sequential:
+    """The same layers and weights as ``model``, for inputs of ``batch_size`` images.
+
+    Sharing needs a fixed batch size (the workers lay out the whole private
+    computation in advance), while training wants an open one (None).
+    """
+    if not isinstance(model, tf.keras.Sequential):
+        raise TypeError(f"with_batch_size() takes a tf.keras.Sequential model, "
+                        f"got {type(model).__name__}")
+    if batch_size is not None and (not isinstance(batch_size, int) or batch_size < 1):
+        raise ValueError(f"batch_size must be a whole number >= 1 or None, got {batch_size!r}")
+    config = model.get_config()
+    shape = next((layer["config"]["batch_input_shape"] for layer in config["layers"]
+                  if "batch_input_shape" in layer["config"]), None)
+    if shape is None:
+        raise ValueError("the model has no input shape yet: build it with batch_input_shape")
+    # The shape goes on the first real layer, and Keras adds the InputLayer
+    # itself: TF Encrypted's clone_model skips InputLayers and reads the shape
+    # from that first layer, which may carry its own, older copy.
+    layers = [layer for layer in config["layers"] if layer["class_name"] != "InputLayer"]
+    if not layers:
+        raise ValueError("the model has no layers besides its input")
+    layers[0]["config"]["batch_input_shape"] = (batch_size,) + tuple(shape[1:])
+    config["layers"] = layers
+    fixed = tf.keras.Sequential.from_config(config)
+    fixed.set_weights(model.get_weights())
+    return fixed
+
+
+def load(path, model: str = "seed", batch_size: Optional[int] = None) -> tf.keras.Sequential:
+    """A CNN from ``path``: a whole saved model (``.keras``), or weights for `MODELS`[model].
+
+    A ``.keras`` file (what notebook 01 saves) holds the architecture too, so
+    ``model`` is not used for it. ``batch_size`` as in `with_batch_size`.
+    """
+    if str(path).endswith(".keras"):
+        loaded = tf.keras.models.load_model(path, compile=False)  # for prediction only
+        return with_batch_size(loaded, batch_size)
+    keras_model = MODELS[model](batch_size=batch_size)
+    keras_model.load_weights(path)
+    return keras_model
+
+
+def plaintext_logits(weights, x: np.ndarray, model: str = "seed") -> np.ndarray:
+    """Plaintext logits of the CNN `load` finds in ``weights``, one image at a time.
 
     Call it before this process connects to workers: afterwards every new
     TensorFlow function it traces would be registered on the workers too.
     """
-    keras_model = MODELS[model](batch_size=1)
-    keras_model.load_weights(weights)
+    keras_model = load(weights, model, batch_size=1)
     return np.concatenate([keras_model(x[i:i + 1]).numpy() for i in range(len(x))])
