@@ -59,3 +59,18 @@ def test_the_setup_cell_imports_helpers_before_tensorflow(path):
     source = "".join(first["source"])
     assert source.index("import helpers") < source.index("import tensorflow")
     assert "bash run.sh notebooks" in source and "pip install -e ." in source
+
+
+@pytest.mark.parametrize("edition", ["notebooks", "translations/pt-BR"])
+def test_the_model_is_defined_in_notebook_01_only(edition):
+    """01 saves the whole model; 02 and 03 load it, so a change made in 01 reaches them."""
+    def code(name):
+        cells = json.loads((ROOT / edition / f"{name}.ipynb").read_text())["cells"]
+        return "\n".join("".join(c["source"]) for c in cells if c["cell_type"] == "code")
+
+    train, serve, query = code("01_train"), code("02_serve"), code("03_query")
+    assert train.count("def build_model") == 1
+    assert 'MODEL_FILE = "mnist_cnn.keras"' in train and "model.save(MODEL_FILE)" in train
+    for later in (serve, query):
+        assert "def build_model" not in later and "load_weights" not in later
+        assert 'tf.keras.models.load_model("mnist_cnn.keras"' in later
