@@ -14,8 +14,9 @@ client opens the answer on a worker. This channel fixes both:
   device. Right after, it puts its id in ``acks`` (`Channel.acknowledge`),
   so the server knows the answer arrived before anyone stops the workers.
 * The server waits on ``tickets`` (`Channel.take_tickets`) and takes up to
-  as many as it can answer in one private computation. It always finds the
-  shares of a ticket waiting: they were queued first, in the same call.
+  as many as it can answer in one private computation. A ticket's shares
+  come in the same call as the ticket; the computation waits for them on
+  each worker, so the ticket need not wait for them.
 * Both sides wait inside TensorFlow instead of polling: a call waiting on a
   worker does not hold back this process's other calls (measured on
   TensorFlow 2.21; see the README). Any wait can be ended from another
