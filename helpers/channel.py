@@ -117,7 +117,6 @@ class Channel:
         self._take_one = tf.function(self._take_one_graph, autograph=False)
         self._announce = tf.function(self._announce_graph, autograph=False)
         self._take_all = tf.function(self._take_all_graph, autograph=False)
-        self._take_some = tf.function(self._take_some_graph, autograph=False)
         self._take_tickets = tf.function(self._take_tickets_graph, autograph=False)
         self._nudge = tf.function(self._nudge_graph, autograph=False)
         self._ask = tf.function(self._ask_graph, autograph=False)
@@ -159,14 +158,6 @@ class Channel:
     def _take_all_graph(self, handle):
         with tf.device(self.devices[0]):
             count = gen_data_flow_ops.queue_size_v2(handle)
-            taken = gen_data_flow_ops.queue_dequeue_many_v2(handle, count,
-                                                            component_types=[tf.string])[0]
-        with tf.device(local_device()):
-            return tf.identity(taken)
-
-    def _take_some_graph(self, handle, limit):
-        with tf.device(self.devices[0]):
-            count = tf.minimum(gen_data_flow_ops.queue_size_v2(handle), limit)
             taken = gen_data_flow_ops.queue_dequeue_many_v2(handle, count,
                                                             component_types=[tf.string])[0]
         with tf.device(local_device()):
@@ -256,11 +247,6 @@ class Channel:
         `nudge`, not a request: it wakes the waiting call.
         """
         taken = self._take_tickets(self.tickets.handle, tf.constant(limit, tf.int32))
-        return [ticket.decode() for ticket in taken.numpy()]
-
-    def take_waiting_tickets(self, limit: int) -> List[str]:
-        """The tickets waiting now, up to ``limit``, without waiting for any."""
-        taken = self._take_some(self.tickets.handle, tf.constant(limit, tf.int32))
         return [ticket.decode() for ticket in taken.numpy()]
 
     def nudge(self) -> None:
