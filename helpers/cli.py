@@ -157,8 +157,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("serve", help="share a CNN's weights and serve requests")
     p.add_argument("--config", required=True, help="hostmap written by a running cluster")
-    p.add_argument("--weights", required=True, help="a whole saved model (.keras, as notebook 01 saves it), or Keras "
-                   "weights (.h5) of the --model CNN")
+    p.add_argument("--weights", required=True,
+                   help="a whole saved model (.keras, as notebook 01 saves it), "
+                   "or Keras weights (.h5) of the --model CNN")
     p.add_argument("--model", choices=("seed", "lenet"), default="seed",
                    help="with .h5 weights, which CNN: the tutorial's seed CNN, or the "
                    "benchmark's second one")

@@ -49,8 +49,8 @@ def _check_model(model: tf.keras.Model) -> None:
         raise ValueError("the model has no input shape yet: build it with a fixed "
                          "batch_input_shape, e.g. (1, 28, 28, 1)") from None
     if shape[0] is None:
-        raise ValueError(f"the model's batch size is not fixed ({shape}): rebuild it with "
-                         "batch_input_shape=(BATCH, ...) so shares have a known shape")
+        raise ValueError(f"the model's batch size is not fixed ({shape}): share "
+                         "helpers.with_batch_size(model, 1) instead, so shares have a known shape")
 
 
 class SharedModel:
@@ -353,12 +353,12 @@ class SharedModel:
         room = limit - len(clients)
         if not expected or room <= 0 or self.max_requests == 1:
             return []
-        size = self._pass_size(len(clients) + min(room, len(expected)))
+        wanted = min(room, len(expected))
+        size = self._pass_size(len(clients) + wanted)
         known = self._pass_seconds
         window = 0.5 * known.get(size, max(known.values(), default=0.0))
         if window <= 0:
             return []
-        wanted = min(room, len(expected))
         more: list = []
         # Wait for tickets inside TensorFlow, woken by a nudge when the window
         # closes: polling would take CPU from the clients preparing requests.

@@ -74,3 +74,11 @@ def test_weights_load_into_the_cnn_named_by_kind(tmp_path):
     x = some_images()
     np.testing.assert_allclose(plaintext_logits(path, x), model(x).numpy(), rtol=0, atol=1e-5)
     assert load(path, batch_size=2).input_shape == (2, 28, 28, 1)
+
+
+def test_share_refuses_an_open_batch_size_and_names_the_fix():
+    from helpers.serving import _check_model
+
+    with pytest.raises(ValueError, match=r"with_batch_size\(model, 1\)"):
+        _check_model(named_cnn())
+    _check_model(with_batch_size(named_cnn(), 1))  # accepted: no exception
