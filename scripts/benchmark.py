@@ -44,7 +44,7 @@ sys.path.insert(0, str(ROOT))
 import numpy as np
 
 import helpers
-from helpers.models import as_model_input, seed_cnn, train_seed_cnn
+from helpers.models import MODELS, as_model_input, seed_cnn, train_seed_cnn
 
 BATCHES = (1, 10, 100)
 PROTOCOLS = ("securenn", "aby3")
@@ -431,6 +431,13 @@ def main() -> int:
     parser.add_argument("--pairs", default="",
                         help='with --floors-only: only these, e.g. "seed:aby3,lenet:securenn"')
     args = parser.parse_args()
+    # Checked before the minutes of training, not after.
+    wrong = [pair for pair in args.pairs.split(",") if pair and (
+        len(pair.split(":")) != 2 or pair.split(":")[0] not in MODELS
+        or pair.split(":")[1] not in PROTOCOLS)]
+    if wrong:
+        parser.error(f"--pairs: not MODEL:PROTOCOL with MODEL in {', '.join(MODELS)} and "
+                     f"PROTOCOL in {', '.join(PROTOCOLS)}: {', '.join(wrong)}")
     latency_queries = 30 if args.quick else 200
     agreement_images = 1000 if args.quick else 10000
     out = Path(args.out)
