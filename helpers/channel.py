@@ -13,6 +13,9 @@ client opens the answer on a worker. This channel fixes both:
   then waits on its ``out`` queues and adds the answer's shares on its own
   device. Right after, it puts its id in ``acks`` (`Channel.acknowledge`),
   so the server knows the answer arrived before anyone stops the workers.
+  A client also leaves a note there when it connects and when it
+  disconnects (`helpers.attendance`), so the server knows whether anyone is
+  still connected before it stops.
 * The server waits on ``tickets`` (`Channel.take_tickets`) and takes up to
   as many as it can answer in one private computation. A ticket's shares
   come in the same call as the ticket; the computation waits for them on
@@ -237,7 +240,7 @@ class Channel:
         self._take_one(self.ready.handle).numpy()
 
     def take_acks(self) -> List[str]:
-        """Take every waiting acknowledgement: the ids of the clients that sent them."""
+        """Take everything waiting in ``acks``: client ids, and hello and goodbye notes."""
         return [ack.decode() for ack in self._take_all(self.acks.handle).numpy()]
 
     def take_tickets(self, limit: int) -> List[str]:
@@ -272,6 +275,10 @@ class Channel:
         client one more round trip to worker 0 before it sees its answer.
         """
         self._acknowledge(self.acks.handle, tf.constant(client_id))
+
+    def leave_note(self, note: str) -> None:
+        """Put a client's hello or goodbye note (see `helpers.attendance`) in ``acks``."""
+        self._acknowledge(self.acks.handle, tf.constant(note))
 
     def release(self, outputs: Sequence[SharedQueue]) -> None:
         """End an `ask` that waits on ``outputs``: put an all-zero placeholder in each.

@@ -20,8 +20,8 @@ from typing import Callable, Iterator, List, Optional, Sequence, TypeVar
 import numpy as np
 import tensorflow as tf
 
+from . import attendance, mpc
 from . import channel as ch
-from . import mpc
 from .errors import ClusterError, NotConnectedError, StepTimeoutError
 from .validation import check_input
 
@@ -30,6 +30,7 @@ _HEALTH_EVERY = 0.5   # seconds between worker checks while waiting
 _POLL_MAX = 0.004      # longest pause between looks while connecting
 _STUCK_GRACE = 15.0    # past its own deadline, how long a call may take to come back
 _RELEASE_WAIT = 5.0    # how long a released request may take to end, when a worker is down
+_BYE_WAIT = 5.0        # how long a goodbye note may take, when disconnecting
 
 
 def encode(x: np.ndarray, scaling_factor: float) -> np.ndarray:
@@ -149,10 +150,25 @@ class PrivateClient:
         self.channel = ch.Channel(self.protocol_name, self.model_name, self.input_shape,
                                   self.output_shape)
         self._scaling = float(self.protocol.fixedpoint_config.scaling_factor)
+        # Tell the server that someone is connected, so its owner does not
+        # stop serving under us. Its own id: the note must not name our queues.
+        self._session = uuid.uuid4().hex
+        self.channel.leave_note(attendance.hello(self._session))
 
     def close(self) -> None:
-        """Forget the connection (the workers keep running)."""
-        self.channel = None
+        """Say goodbye to the server and forget the connection (the workers keep running).
+
+        The goodbye is best effort, and bounded: when the workers are gone
+        already, there is nobody left to tell.
+        """
+        channel, self.channel = self.channel, None
+        if channel is None or self._stuck is not None:
+            return
+        note = attendance.bye(self._session)
+        try:
+            mpc.call_with_timeout(lambda: channel.leave_note(note), _BYE_WAIT, "saying goodbye")
+        except Exception:  # the workers are gone or stuck: no server to wait for us
+            pass
 
     def _wait(self, condition, deadline: float, step: str, hint: str = "",
               progress: bool = False) -> None:
@@ -318,8 +334,11 @@ def predict_each(x: np.ndarray, cluster, timeout: float = 300.0,
     """Connect to the served model, then privately predict the images of ``x`` one by one."""
     client = PrivateClient((1, *x.shape[1:]), output_shape, cluster)
     client.connect(timeout=timeout)
-    for i in range(len(x)):
-        began = time.perf_counter()
-        logits = client.query(x[i:i + 1], timeout=timeout)[0]
-        yield Answer(i, logits, time.perf_counter() - began, client.last_open_device,
-                     client.protocol_name)
+    try:
+        for i in range(len(x)):
+            began = time.perf_counter()
+            logits = client.query(x[i:i + 1], timeout=timeout)[0]
+            yield Answer(i, logits, time.perf_counter() - began, client.last_open_device,
+                         client.protocol_name)
+    finally:
+        client.close()

@@ -112,6 +112,17 @@ class TFEWorker:
                                     "before query_model()")
         return self._client.query(x, timeout=timeout)
 
+    def disconnect(self) -> None:
+        """Leave the served model: tell its server this client is done.
+
+        The server's owner may then stop serving without cutting anyone off
+        (see `SharedModel.stop`). The workers keep running. Connect again
+        with `connect_to_model`.
+        """
+        if self._client is not None:
+            self._client.close()
+            self._client = None
+
 
 _live_clusters: "weakref.WeakSet[TFECluster]" = weakref.WeakSet()
 

@@ -1,6 +1,7 @@
 """Secret-share a Keras model across a cluster and serve private predictions."""
 from __future__ import annotations
 
+import sys
 import threading
 import time
 import uuid
@@ -13,8 +14,8 @@ from tensorflow.python.ops import gen_data_flow_ops
 from tf_encrypted.protocol.aby3.aby3 import ABY3PrivateTensor, ShareType
 from tf_encrypted.protocol.pond import PondPrivateTensor
 
+from . import attendance, compat, mpc
 from . import channel as ch
-from . import compat, mpc
 from .errors import ClusterError, ServingStoppedError, StepTimeoutError, WorkerStuckError
 
 T = TypeVar("T")
@@ -34,6 +35,8 @@ _PROTOCOL_TITLES = {"securenn": "SecureNN", "aby3": "ABY3"}
 STUCK_AFTER = 30.0
 _WATCH_EVERY = 0.25     # how often serve() looks at its helper thread
 _INTERRUPT_GRACE = 10.0  # how long the request in progress may take after an interrupt
+_NOTES_EVERY = 0.5      # while idle, how often the server reads the clients' notes
+_WATCH_REPORT = 60.0    # watch_clients() says it is still watching this often
 
 
 def _check_model(model: tf.keras.Model) -> None:
@@ -85,6 +88,10 @@ class SharedModel:
         self._client_queues: dict = {}
         self._unacknowledged: set = set()
         self._recent: dict = {}        # client id -> when it was last answered
+        self.attendance = attendance.Attendance()  # who is connected, from their notes
+        self._notes_read_at = 0.0
+        self._watcher = None           # the thread that watches a background serve
+        self.background_error: Optional[BaseException] = None
         self._pass_seconds: dict = {}  # pass size -> how long it last took
         start = time.monotonic()
         self.protocol = mpc.connect(cluster, timeout, during="while sharing the model",
@@ -237,6 +244,9 @@ class SharedModel:
             raise ValueError(f"num_requests must be >= 0, got {num_requests}")
         if stuck_after <= 0:
             raise ValueError(f"stuck_after must be > 0 seconds, got {stuck_after}")
+        if self.serving_in_background:
+            raise ClusterError("this model is being served in the background already: "
+                               "watch it with watch_clients(), or stop() it first")
         self._check_not_stuck()
         self._let_previous_loop_finish()
         deadline = None if timeout is None else time.monotonic() + timeout
@@ -245,26 +255,8 @@ class SharedModel:
         thread = threading.Thread(target=loop.run, name="helpers: serving", daemon=True)
         self._loop_thread = thread
         thread.start()
-        last_health = time.monotonic()
         try:
-            while thread.is_alive():
-                thread.join(_WATCH_EVERY)  # a join with a timeout lets an interrupt through
-                if loop.busy_for() > stuck_after:
-                    loop.abandon()
-                    self._stuck = True
-                    raise self._stuck_error(stuck_after)
-                if loop.waiting_for() > _NUDGE_AFTER:
-                    # Wake the idle wait now and then: to see the deadline, and
-                    # so that a stuck worker 0 shows (the nudge never arrives).
-                    loop.nudge()
-                if time.monotonic() - last_health >= _HEALTH_EVERY and thread.is_alive():
-                    last_health = time.monotonic()
-                    try:
-                        self.cluster.check(during="while serving")
-                    except Exception:
-                        loop.abandon()  # the loop ends with its current call
-                        loop.nudge()
-                        raise
+            self._watch(thread, loop, stuck_after)
         except KeyboardInterrupt:
             loop.finish_soon()
             loop.nudge()
@@ -276,6 +268,137 @@ class SharedModel:
         if loop.error is not None:
             raise loop.error
         return loop.answered
+
+    def _watch(self, thread: threading.Thread, loop: "_ServingLoop", stuck_after: float) -> None:
+        """Watch the serving thread until it ends: stuck calls, idle waits, worker health."""
+        last_health = time.monotonic()
+        while thread.is_alive():
+            thread.join(_WATCH_EVERY)  # a join with a timeout lets an interrupt through
+            if loop.busy_for() > stuck_after:
+                loop.abandon()
+                self._stuck = True
+                raise self._stuck_error(stuck_after)
+            if loop.waiting_for() > _NUDGE_AFTER:
+                # Wake the idle wait now and then: to see the deadline, to read
+                # the clients' notes, and so that a stuck worker 0 shows (the
+                # nudge never arrives).
+                loop.nudge()
+            if time.monotonic() - last_health >= _HEALTH_EVERY and thread.is_alive():
+                last_health = time.monotonic()
+                try:
+                    self.cluster.check(during="while serving")
+                except Exception:
+                    loop.abandon()  # the loop ends with its current call
+                    loop.nudge()
+                    raise
+
+    def serve_in_background(self, stuck_after: float = STUCK_AFTER) -> None:
+        """Serve until `stop()`, in background threads; returns at once.
+
+        The caller (a notebook, say) stays free meanwhile. ``served`` counts
+        the requests answered, `status()` says how things stand, and
+        `watch_clients()` shows clients as they come and go. If serving
+        fails (a worker down or stuck), the error is printed, kept in
+        ``background_error``, and raised by the next `status()` or
+        `watch_clients()`. Nothing is printed per request.
+        """
+        if self._stopped:
+            raise ServingStoppedError("this model's serving was stopped; share it again to serve")
+        if stuck_after <= 0:
+            raise ValueError(f"stuck_after must be > 0 seconds, got {stuck_after}")
+        if self.serving_in_background:
+            raise ClusterError("this model is already being served in the background")
+        self._check_not_stuck()
+        self._let_previous_loop_finish()
+        self.background_error = None
+        loop = _ServingLoop(self, None, None, None, quiet=True)
+        self._loop = loop
+        thread = threading.Thread(target=loop.run, name="helpers: serving", daemon=True)
+        self._loop_thread = thread
+        self._watcher = threading.Thread(target=self._watch_in_background,
+                                         args=(thread, loop, stuck_after),
+                                         name="helpers: watching the serving", daemon=True)
+        thread.start()
+        self._watcher.start()
+        if self.verbose:
+            print("Serving in the background until stop() is called.", flush=True)
+
+    def _watch_in_background(self, thread: threading.Thread, loop: "_ServingLoop",
+                             stuck_after: float) -> None:
+        try:
+            self._watch(thread, loop, stuck_after)
+            if loop.error is not None:
+                raise loop.error
+        except BaseException as exc:  # kept for the caller's thread, and said at once
+            if not self._stopped:
+                self.background_error = exc
+                print(f"Serving in the background stopped: {exc}", file=sys.stderr, flush=True)
+
+    @property
+    def serving_in_background(self) -> bool:
+        """True while `serve_in_background` is answering requests."""
+        return self._watcher is not None and self._watcher.is_alive()
+
+    def status(self) -> str:
+        """One line on how serving stands: requests answered, clients connected now.
+
+        Raises the error that ended a background serve, if one did.
+        """
+        self._raise_background_error()
+        if self._stopped:
+            state = "stopped"
+        elif self.serving_in_background:
+            state = "serving in the background"
+        else:
+            state = "not serving right now"
+        connected = self.attendance.connected
+        return (f"{state}: {self.served} request(s) answered; "
+                f"{connected} client(s) connected now, {self.attendance.arrived} so far")
+
+    def _raise_background_error(self) -> None:
+        if self.background_error is not None:
+            raise self.background_error
+
+    def watch_clients(self, timeout: float = 600.0) -> int:
+        """Show clients connecting and leaving, while serving in the background.
+
+        Returns once a client has come and every client that came has left,
+        or after ``timeout`` s, or on an interrupt: serving goes on either
+        way. Returns the number of requests answered so far.
+        """
+        if timeout <= 0:
+            raise ValueError(f"timeout must be > 0 seconds, got {timeout}")
+        if not self.serving_in_background:
+            self._raise_background_error()
+            raise ServingStoppedError("watch_clients() needs serve_in_background() first")
+        shown = len(self.attendance.events)
+        if self.verbose:
+            print(f"Watching for clients (up to {timeout:.0f} s; interrupting only stops "
+                  "the watching) ...", flush=True)
+        start = last_report = time.monotonic()
+        try:
+            while True:
+                events = self.attendance.events[shown:]
+                shown += len(events)
+                for event in events:
+                    what = "connected" if event.kind == "hello" else "disconnected"
+                    print(f"  a client {what}: {event.connected} connected now, "
+                          f"{event.answered} request(s) answered so far", flush=True)
+                self._raise_background_error()
+                if self.attendance.arrived and not self.attendance.connected:
+                    print(f"Every client has left: {self.served} request(s) answered.")
+                    return self.served
+                now = time.monotonic()
+                if now - start >= timeout:
+                    print(f"Stopped watching after {timeout:.0f} s, {self.status()}.")
+                    return self.served
+                if now - last_report >= _WATCH_REPORT:
+                    print(f"  still watching ({now - start:.0f} s): {self.status()}", flush=True)
+                    last_report = now
+                time.sleep(0.1)
+        except KeyboardInterrupt:
+            print(f"Stopped watching; serving goes on ({self.status()}).")
+            return self.served
 
     def _check_not_stuck(self) -> None:
         if self._stuck:
@@ -306,7 +429,7 @@ class SharedModel:
         num_requests, deadline = loop.num_requests, loop.deadline
         channel = self.channel
         loop.call(channel.announce)
-        if self.verbose:
+        if self.verbose and not loop.quiet:
             total = "until stopped" if num_requests is None else f"{num_requests} requests"
             print(f"Serving {total} ...", flush=True)
         try:
@@ -322,6 +445,8 @@ class SharedModel:
                 taken = loop.call(lambda: channel.take_tickets(limit), waiting=True)
                 clients = [c for c in taken if c]  # empty ids are nudges: they only wake the wait
                 if not clients:
+                    if time.monotonic() - self._notes_read_at >= _NOTES_EVERY:
+                        self._read_notes(loop)  # idle: a good moment to see who came or left
                     continue
                 clients += self._gather(clients, limit, loop)
                 started = time.monotonic()
@@ -385,10 +510,17 @@ class SharedModel:
         loop.answered += len(clients)
         self.served += len(clients)
         self._unacknowledged.update(clients)
-        if self.verbose:
+        if self.verbose and not loop.quiet:
             self._report(len(clients), seconds)
         if len(self._unacknowledged) >= _ACK_BATCH:
-            self._unacknowledged.difference_update(loop.call(self.channel.take_acks))
+            self._read_notes(loop)
+
+    def _read_notes(self, loop: "_ServingLoop") -> None:
+        """Take the clients' acknowledgements, hellos and goodbyes from the ``acks`` queue."""
+        acks, greetings = attendance.split_notes(loop.call(self.channel.take_acks))
+        self._notes_read_at = time.monotonic()
+        self._unacknowledged.difference_update(acks)
+        self.attendance.record(greetings, self.served)
 
     def _report(self, count: int, seconds: float) -> None:
         if count == 1:
@@ -413,7 +545,7 @@ class SharedModel:
         try:
             backoff = ch.Backoff(first=0.005, longest=0.1)
             while self._unacknowledged and time.monotonic() < deadline and not loop.finishing:
-                self._unacknowledged.difference_update(loop.call(self.channel.take_acks))
+                self._read_notes(loop)
                 if self._unacknowledged:
                     backoff.pause()
         except tf.errors.OpError as exc:
@@ -426,22 +558,47 @@ class SharedModel:
     def _raise_worker_problem(self, exc: Exception, during: str) -> None:
         mpc.raise_for_op_error(self.cluster, exc, during)
 
-    def stop(self) -> None:
-        """Stop serving: withdraw the model so new clients wait for another one."""
+    def stop(self, wait_for_clients: float = 30.0) -> None:
+        """Stop serving: withdraw the model so new clients wait for another one.
+
+        While serving in the background, first wait up to ``wait_for_clients``
+        s for the clients still connected to disconnect, answering them
+        meanwhile, so that nobody is cut off in the middle of their queries.
+        """
         if self._stopped:
             return
+        if wait_for_clients < 0:
+            raise ValueError(f"wait_for_clients must be >= 0 seconds, got {wait_for_clients}")
+        self._wait_for_clients(wait_for_clients)
         self._stopped = True
         if self._loop is not None:
             self._loop.finish_soon()  # a loop left running (interrupted) ends after its call
             self._loop.nudge()
         if self._loop_thread is not None and self._loop_thread.is_alive() and not self._stuck:
             self._loop_thread.join(_INTERRUPT_GRACE)
+        if self._watcher is not None:
+            self._watcher.join(_INTERRUPT_GRACE)  # it ends with the loop
         try:
             mpc.call_with_timeout(self.channel.withdraw, 10.0, "withdrawing the model")
         except Exception:  # workers already gone: nothing left to withdraw
             pass
         if self.verbose:
             print(f"Stopped serving after {self.served} requests.")
+
+
+    def _wait_for_clients(self, seconds: float) -> None:
+        connected = self.attendance.connected
+        if not (connected and seconds and self.serving_in_background):
+            return
+        print(f"Waiting up to {seconds:.0f} s for {connected} connected client(s) to "
+              "disconnect ...", flush=True)
+        deadline = time.monotonic() + seconds
+        while self.attendance.connected and self.serving_in_background:
+            if time.monotonic() >= deadline:
+                print(f"{self.attendance.connected} client(s) still connected after "
+                      f"{seconds:.0f} s: stopping anyway.", flush=True)
+                return
+            time.sleep(0.1)
 
 
 class _ServingLoop:
@@ -456,8 +613,10 @@ class _ServingLoop:
     """
 
     def __init__(self, model: SharedModel, num_requests: Optional[int],
-                 deadline: Optional[float], timeout: Optional[float]) -> None:
+                 deadline: Optional[float], timeout: Optional[float],
+                 quiet: bool = False) -> None:
         self.model = model
+        self.quiet = quiet  # in the background: no line per request
         self.num_requests = num_requests
         self.deadline = deadline
         self.timeout = timeout
