@@ -5,7 +5,10 @@ so the notebooks can show the ideas:
 
 * `TFEWorker`, `TFECluster`: start, watch and stop three MPC workers.
 * `share`: secret-share a Keras model across them and `serve` it.
-* `TFEWorker.connect_to_model` / `query_model`: the private-prediction client.
+* `TFEWorker.connect_to_model` / `query_model` / `disconnect`: the private-prediction client.
+* `find_or_start_server`: the served model to query, or our own one in the background.
+* `as_digit`: a 28 x 28 array or an image file as the model's input.
+* `trained_model`: notebook 01's saved model, or a briefly trained one.
 * `secret_share`: the client's additive secret sharing, for the notebooks' pictures.
 * `load_mnist`: MNIST without a download.
 * `with_batch_size`: a saved model with the fixed batch size that sharing needs.
@@ -26,6 +29,7 @@ from .errors import (  # noqa: E402
     ConfigError,
     HelpersError,
     KerasModeError,
+    ModelFileError,
     NotConnectedError,
     PortInUseError,
     ServingStoppedError,
@@ -34,15 +38,18 @@ from .errors import (  # noqa: E402
     WorkerStartError,
     WorkerStuckError,
 )
-from .models import with_batch_size  # noqa: E402
+from .images import as_digit  # noqa: E402
+from .models import trained_model, with_batch_size  # noqa: E402
 from .processes import cleanup_stale  # noqa: E402
+from .service import Server, find_or_start_server  # noqa: E402
 from .serving import SharedModel, share  # noqa: E402
 from .validation import InputRangeWarning  # noqa: E402
 
 __all__ = [
     "TFEWorker", "TFECluster", "read_config", "share", "SharedModel", "load_mnist",
-    "secret_share", "setup_summary", "with_batch_size",
+    "secret_share", "setup_summary", "with_batch_size", "trained_model", "as_digit",
+    "find_or_start_server", "Server",
     "cleanup_stale", "HelpersError", "ClusterError", "PortInUseError", "WorkerStartError", "WorkerDownError",
-    "StepTimeoutError", "WorkerStuckError", "ConfigError", "KerasModeError", "NotConnectedError", "ServingStoppedError",
+    "StepTimeoutError", "WorkerStuckError", "ConfigError", "KerasModeError", "ModelFileError", "NotConnectedError", "ServingStoppedError",
     "InputRangeWarning",
 ]

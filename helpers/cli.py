@@ -84,7 +84,9 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     shared = share(model, cluster, name=args.name, timeout=args.timeout, verbose=not args.quiet,
                    protocol=args.protocol, max_requests=args.max_requests)
     try:
-        served = shared.serve(num_requests=args.requests, timeout=args.timeout)
+        # --timeout bounds a fixed number of requests; serving until killed has no end.
+        served = shared.serve(num_requests=args.requests,
+                              timeout=None if args.requests is None else args.timeout)
     finally:
         shared.stop()
     if args.quiet:  # one machine-readable line, for scripts/benchmark.py
@@ -171,7 +173,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--protocol", choices=("securenn", "aby3"), default="securenn",
                    help="MPC protocol (clients follow whichever is served)")
     p.add_argument("--quiet", action="store_true", help="print only a summary line at the end")
-    p.add_argument("--timeout", type=float, default=300.0)
+    p.add_argument("--timeout", type=float, default=300.0,
+                   help="seconds for finding the workers and sharing, and, with --requests, "
+                   "for serving them")
     p.set_defaults(func=_cmd_serve)
 
     p = sub.add_parser("query", help="privately predict MNIST test images from a served model")

@@ -81,3 +81,7 @@ class ServingStoppedError(HelpersError):
 
 class KerasModeError(HelpersError, ImportError):
     """TensorFlow was imported with Keras 3, but TF Encrypted needs tf-keras."""
+
+
+class ModelFileError(HelpersError, ValueError):
+    """A saved model or weights file cannot be read."""

@@ -5,32 +5,37 @@ and saves the whole model; notebooks 02 and 03 load it from that one file.
 """
 from __future__ import annotations
 
+import os
+from pathlib import Path
 from typing import Optional
 
 import numpy as np
 import tensorflow as tf
 
+from .errors import ModelFileError
+
 
 def seed_cnn(batch_size: Optional[int] = None) -> tf.keras.Sequential:
     """Conv2D/AveragePooling2D/ReLU three times, then Flatten and Dense(10) logits.
 
-    ``batch_size`` fixes the batch dimension, which sharing needs; None leaves
-    it open for training.
+    The CNN of notebook 01, with its layer names. ``batch_size`` fixes the
+    batch dimension, which sharing needs; None leaves it open for training.
     """
     layers = tf.keras.layers
     return tf.keras.Sequential([
-        layers.Conv2D(10, (3, 3), batch_input_shape=(batch_size, 28, 28, 1)),
-        layers.AveragePooling2D((2, 2)),
-        layers.ReLU(),
-        layers.Conv2D(32, (3, 3)),
-        layers.AveragePooling2D((2, 2)),
-        layers.ReLU(),
-        layers.Conv2D(64, (3, 3)),
-        layers.AveragePooling2D((2, 2)),
-        layers.ReLU(),
-        layers.Flatten(),
-        layers.Dense(10),  # logits: argmax needs no softmax, and softmax is costly under MPC
-    ])
+        layers.Conv2D(10, (3, 3), batch_input_shape=(batch_size, 28, 28, 1), name="conv1"),
+        layers.AveragePooling2D((2, 2), name="pool1"),
+        layers.ReLU(name="relu1"),
+        layers.Conv2D(32, (3, 3), name="conv2"),
+        layers.AveragePooling2D((2, 2), name="pool2"),
+        layers.ReLU(name="relu2"),
+        layers.Conv2D(64, (3, 3), name="conv3"),
+        layers.AveragePooling2D((2, 2), name="pool3"),
+        layers.ReLU(name="relu3"),
+        layers.Flatten(name="flatten"),
+        # logits: argmax needs no softmax, and softmax is costly under MPC
+        layers.Dense(10, name="logits"),
+    ], name="mnist_cnn")
 
 
 def lenet_cnn(batch_size: Optional[int] = None) -> tf.keras.Sequential:
@@ -70,6 +75,37 @@ def train_seed_cnn(x_train, y_train, epochs: int = 3, seed: int = 0,
         if verbose:
             print(f"  epoch {epoch}/{epochs}: loss {history.history['loss'][0]:.3f}, "
                   f"accuracy {history.history['accuracy'][0]:.3f}", flush=True)
+    return model
+
+
+def trained_model(path: os.PathLike = "mnist_cnn.keras", images: int = 20000,
+                  verbose: bool = True) -> tf.keras.Sequential:
+    """Notebook 01's saved model from ``path``; if it is not there, a briefly trained one.
+
+    In a hosted notebook, each notebook runs on its own machine, so the file
+    that notebook 01 saved may be elsewhere. Then the tutorial's CNN is
+    trained for one epoch on the first ``images`` training images (about
+    97 % test accuracy instead of 01's 98 to 99 %) and saved to ``path``,
+    where the model owner finds it; running notebook 01 replaces it.
+    """
+    from .data import load_mnist
+
+    path = Path(path)
+    if path.exists():
+        if verbose:
+            print(f"Loaded notebook 01's model from {path.name}.")
+        return tf.keras.models.load_model(path, compile=False)
+    if verbose:
+        print(f"{path.name} is not here (notebook 01 has not run on this machine): training the "
+              f"tutorial's CNN briefly instead, 1 epoch on {images:,} images ...", flush=True)
+    (x_train, y_train), (x_test, y_test) = load_mnist()
+    model = train_seed_cnn(as_model_input(x_train[:images]), y_train[:images], epochs=1,
+                           verbose=False)
+    _, accuracy = model.evaluate(as_model_input(x_test), y_test, batch_size=1000, verbose=0)
+    model.save(path)
+    if verbose:
+        print(f"  test accuracy {accuracy:.3f}; saved to {path.name} (notebook 01 trains it "
+              "fully and replaces it)")
     return model
 
 
@@ -113,12 +149,20 @@ def load(path, model: str = "seed", batch_size: Optional[int] = None) -> tf.kera
     A ``.keras`` file (what notebook 01 saves) holds the architecture too, so
     ``model`` is not used for it. ``batch_size`` as in `with_batch_size`.
     """
-    if str(path).endswith(".keras"):
-        loaded = tf.keras.models.load_model(path, compile=False)  # for prediction only
-        return with_batch_size(loaded, batch_size)
-    keras_model = MODELS[model](batch_size=batch_size)
-    keras_model.load_weights(path)
-    return keras_model
+    if not Path(path).is_file():
+        raise ModelFileError(f"{path} does not exist: train and save the model first "
+                             "(notebook 01 saves mnist_cnn.keras)")
+    try:
+        if str(path).endswith(".keras"):
+            loaded = tf.keras.models.load_model(path, compile=False)  # for prediction only
+            return with_batch_size(loaded, batch_size)
+        keras_model = MODELS[model](batch_size=batch_size)
+        keras_model.load_weights(path)
+        return keras_model
+    except (OSError, ValueError) as exc:  # what Keras raises for a damaged or foreign file
+        raise ModelFileError(f"{path} cannot be read as a saved Keras model or as weights of "
+                             f"the {model} CNN ({type(exc).__name__}: {exc}). Save it again "
+                             "from notebook 01.") from None
 
 
 def plaintext_logits(weights, x: np.ndarray, model: str = "seed") -> np.ndarray:
