@@ -359,12 +359,12 @@ class SharedModel:
         if self.background_error is not None:
             raise self.background_error
 
-    def watch_clients(self, timeout: float = 600.0) -> int:
+    def watch_clients(self, timeout: float = 600.0) -> None:
         """Show clients connecting and leaving, while serving in the background.
 
         Returns once a client has come and every client that came has left,
         or after ``timeout`` s, or on an interrupt: serving goes on either
-        way. Returns the number of requests answered so far.
+        way. ``served`` then says how many requests were answered.
         """
         if timeout <= 0:
             raise ValueError(f"timeout must be > 0 seconds, got {timeout}")
@@ -387,18 +387,17 @@ class SharedModel:
                 self._raise_background_error()
                 if self.attendance.arrived and not self.attendance.connected:
                     print(f"Every client has left: {self.served} request(s) answered.")
-                    return self.served
+                    return
                 now = time.monotonic()
                 if now - start >= timeout:
                     print(f"Stopped watching after {timeout:.0f} s, {self.status()}.")
-                    return self.served
+                    return
                 if now - last_report >= _WATCH_REPORT:
                     print(f"  still watching ({now - start:.0f} s): {self.status()}", flush=True)
                     last_report = now
                 time.sleep(0.1)
         except KeyboardInterrupt:
             print(f"Stopped watching; serving goes on ({self.status()}).")
-            return self.served
 
     def _check_not_stuck(self) -> None:
         if self._stuck:
@@ -449,12 +448,17 @@ class SharedModel:
                         self._read_notes(loop)  # idle: a good moment to see who came or left
                     continue
                 clients += self._gather(clients, limit, loop)
+                newcomer = any(c not in self._client_queues for c in clients)
                 started = time.monotonic()
                 ch.trace(f"server: tickets {clients}")
                 loop.call(lambda: self._answer([self._queues_of(c) for c in clients]))
                 took = time.monotonic() - started
                 self._answered(clients, took, loop)
                 self._pass_seconds[self._pass_size(len(clients))] = took
+                if newcomer:
+                    # A new client said hello just before it asked: count it now, not
+                    # only once the requests pause. Once per client, not per request.
+                    self._read_notes(loop)
         except tf.errors.OpError as exc:
             self._raise_worker_problem(exc, "while serving")
         if not loop.finishing:

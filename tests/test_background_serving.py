@@ -67,7 +67,8 @@ BACKGROUND = textwrap.dedent("""
         b.disconnect()
 
     threading.Thread(target=b_later).start()
-    print("WATCHED", shared.watch_clients(timeout=60), flush=True)
+    shared.watch_clients(timeout=60)
+    print("WATCHED", shared.served, flush=True)
 
     c, d = TFEWorker(), TFEWorker()
     c.connect_to_model((1, 28, 28, 1), (1, 10), cluster, timeout=60)
