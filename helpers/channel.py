@@ -26,6 +26,11 @@ client opens the answer on a worker. This channel fixes both:
   thread: an empty ticket wakes the server (`nudge`), and placeholder shares
   in its own ``out`` queues release a client (`release`).
 * ``ready`` holds one token while a model is being served.
+* For teaching only, a client may also leave a copy of each input share in
+  a ``teach`` queue on the worker that received it, and read it back from
+  there (`keep_for_teaching`, `read_teaching_copies`): what each worker really
+  got, for a notebook to show. The copy goes to the same worker as the share
+  itself, so no worker learns anything more.
 
 The queues live on the workers (TensorFlow shares a queue by name across all
 processes connected to that worker). Only ids and shares pass through them.
@@ -125,6 +130,8 @@ class Channel:
         self._ask = tf.function(self._ask_graph, autograph=False)
         self._release = tf.function(self._release_graph, autograph=False)
         self._acknowledge = tf.function(self._acknowledge_graph, autograph=False)
+        self._keep = tf.function(self._keep_graph, autograph=False)
+        self._read_back = tf.function(self._read_back_graph, autograph=False)
 
     # -- traced bodies: each runs as one call across the workers -------------
 
@@ -213,6 +220,33 @@ class Channel:
                 gen_data_flow_ops.queue_enqueue_v2(
                     handle, [tf.zeros(self.output_shape, dtype=tf.int64)])
 
+    def _keep_graph(self, handles, shares):
+        for handle, share, device in zip(handles, shares, self.devices):
+            with tf.device(device):
+                # Keep only the latest copy: drop an older one first, so the
+                # enqueue never waits on a full queue.
+                older = gen_data_flow_ops.queue_size_v2(handle)
+                dropped = gen_data_flow_ops.queue_dequeue_many_v2(handle, older,
+                                                                  component_types=[tf.int64])
+                with tf.control_dependencies(dropped):
+                    gen_data_flow_ops.queue_enqueue_v2(handle, [share])
+
+    def _read_back_graph(self, handles):
+        copies, found = [], []
+        for handle, device in zip(handles, self.devices):
+            with tf.device(device):
+                def take(handle=handle):
+                    share = gen_data_flow_ops.queue_dequeue_v2(handle,
+                                                               component_types=[tf.int64])[0]
+                    share.set_shape(self.input_shape)
+                    return share
+                waiting = gen_data_flow_ops.queue_size_v2(handle) > 0
+                copies.append(tf.cond(waiting, take,
+                                      lambda: tf.zeros(self.input_shape, tf.int64)))
+                found.append(waiting)
+        with tf.device(local_device()):
+            return [tf.identity(copy) for copy in copies], tf.reduce_all(tf.stack(found))
+
     # -- the exchanges ---------------------------------------------------------
 
     def waiting(self, queue: SharedQueue) -> int:
@@ -287,6 +321,22 @@ class Channel:
         uses these queues again.
         """
         self._release([queue.handle for queue in outputs])
+
+    def keep_for_teaching(self, queues: Sequence[SharedQueue],
+                          shares: Sequence[np.ndarray]) -> None:
+        """Leave a copy of each input share in ``queues`` (`teaching`), on its own worker."""
+        self._keep([queue.handle for queue in queues], [tf.constant(share) for share in shares])
+
+    def read_teaching_copies(self, queues: Sequence[SharedQueue]) -> List[np.ndarray]:
+        """Take the kept copies back from the workers; [] if there are none."""
+        copies, found = self._read_back([queue.handle for queue in queues])
+        return [copy.numpy() for copy in copies] if bool(found.numpy()) else []
+
+    def teaching(self, session: str) -> Tuple[SharedQueue, ...]:
+        """One client's teaching queues, one per share-holding worker: one copy each."""
+        return tuple(SharedQueue(device, f"{self.prefix}/teach/{session}/{party}", tf.int64,
+                                 self.input_shape, 1)
+                     for party, device in enumerate(self.devices))
 
     def _share_queues(self, kind: str, client_id: str,
                       shape: Tuple[int, ...]) -> Tuple[SharedQueue, ...]:

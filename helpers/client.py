@@ -192,8 +192,12 @@ class PrivateClient:
                 last_report = now
             backoff.pause(limit=deadline - now)
 
-    def query(self, x, timeout: float = 60.0) -> np.ndarray:
-        """Send ``x`` as secret shares, wait for the answer, open it here."""
+    def query(self, x, timeout: float = 60.0, teaching_copy: bool = False) -> np.ndarray:
+        """Send ``x`` as secret shares, wait for the answer, open it here.
+
+        ``teaching_copy``: also leave a copy of each share on the worker that
+        receives it, for `teaching_copies` to read back (a teaching aid).
+        """
         if self._stuck is not None:
             raise ClusterError(f"this client gave up on a call to the workers that never "
                                f"returned (while {self._stuck}); connect again")
@@ -201,14 +205,36 @@ class PrivateClient:
             raise NotConnectedError("call connect_to_model(...) before query_model()")
         x = check_input(x, self.input_shape)
         with self._lock:  # one request in flight per client
-            return self._query(x, timeout)
+            return self._query(x, timeout, teaching_copy)
 
-    def _query(self, x: np.ndarray, timeout: float) -> np.ndarray:
+    def teaching_copies(self, timeout: float = 60.0) -> List[np.ndarray]:
+        """The input shares of the last ``teaching_copy`` query, read back from the workers.
+
+        One int64 array per share-holding worker, in the order of the workers
+        (alice, bob; with ABY3 carol too), each taken from that worker's own
+        device. A teaching aid: reading them takes them off the workers.
+        """
+        if self.channel is None:
+            raise NotConnectedError("call connect_to_model(...) first")
+        channel, queues = self.channel, self.channel.teaching(self._session)
+        # It never waits for anything (an empty queue gives []): bounded all the same.
+        copies = mpc.call_with_timeout(lambda: channel.read_teaching_copies(queues), timeout,
+                                       "reading the teaching copies")
+        if not copies:
+            raise ValueError("no teaching copy is waiting on the workers: ask with "
+                             "query_model(x, teaching_copy=True) first")
+        return copies
+
+    def _query(self, x: np.ndarray, timeout: float, teaching_copy: bool = False) -> np.ndarray:
         if self._queues is None:
             self._queues = (self.channel.inputs(self.client_id),
                             self.channel.outputs(self.client_id))
         inputs, outputs = self._queues
         shares = secret_share(encode(x, self._scaling), parties=len(inputs))
+        if teaching_copy:
+            keep = self.channel.teaching(self._session)
+            mpc.call_with_timeout(lambda: self.channel.keep_for_teaching(keep, shares), timeout,
+                                  "keeping a teaching copy")
         step = "waiting for the private prediction"
         ch.trace(f"client {self.client_id}: asking")
         client_id, channel = self.client_id, self.channel

@@ -101,16 +101,31 @@ class TFEWorker:
         client.connect(timeout=timeout)
         self._client = client
 
-    def query_model(self, x, timeout: float = 60.0):
+    def query_model(self, x, timeout: float = 60.0, teaching_copy: bool = False):
         """Privately predict on ``x``; returns the logits as a numpy array.
 
         ``x`` is secret-shared here, only shares are sent, and the answer's
-        shares are combined here, on this process's own device.
+        shares are combined here, on this process's own device. With
+        ``teaching_copy``, each worker that receives a share also keeps a copy
+        of it, for `worker_views` (a teaching aid).
         """
         if self._client is None:
             raise NotConnectedError("call connect_to_model(input_shape, output_shape, cluster) "
                                     "before query_model()")
-        return self._client.query(x, timeout=timeout)
+        return self._client.query(x, timeout=timeout, teaching_copy=teaching_copy)
+
+    def worker_views(self, timeout: float = 60.0):
+        """What each worker received for the last ``teaching_copy=True`` query.
+
+        A list of int64 arrays, one per worker that holds a share (alice and
+        bob with SecureNN), each read back from that worker's own device. The
+        shares are the fixed-point encoding of the input, split at random:
+        alone each looks like noise, together they add up to the input.
+        """
+        if self._client is None:
+            raise NotConnectedError("call connect_to_model(...) and query_model(..., "
+                                    "teaching_copy=True) first")
+        return self._client.teaching_copies(timeout=timeout)
 
     def disconnect(self) -> None:
         """Leave the served model: tell its server this client is done.

@@ -97,3 +97,54 @@ def test_weight_shares_look_like_noise_and_add_up_to_the_weights(tmp_path, proto
     assert seen["error"] < 1e-3              # together: the weights, up to fixed-point rounding
     assert seen["share_max"] > 2**50         # alone: values spread over the 64-bit ring
     assert seen["kernel_max"] < 1
+
+
+TEACHING = textwrap.dedent("""
+    import sys
+    import numpy as np
+    from helpers import TFECluster, TFEWorker, load_mnist, share
+    from helpers.models import as_model_input, seed_cnn
+
+    protocol = sys.argv[2]
+    cluster = TFECluster.load(sys.argv[1], timeout=60, verbose=False)
+    shared = share(seed_cnn(batch_size=1), cluster, protocol=protocol, verbose=False)
+    shared.serve_in_background()
+    client = TFEWorker()
+    client.connect_to_model((1, 28, 28, 1), (1, 10), cluster, timeout=60)
+    try:
+        client.worker_views()
+    except ValueError as exc:
+        print("NONE YET", exc)
+    image = as_model_input(load_mnist()[1][0][:2])
+    client.query_model(image[:1], timeout=60, teaching_copy=True)
+    client.query_model(image[1:2], timeout=60, teaching_copy=True)  # only the latest is kept
+    client.query_model(image[:1], timeout=60)                        # no copy for this one
+    views = client.worker_views()
+    scale = shared.protocol.fixedpoint_config.scaling_factor
+    encoded = np.rint(image[1:2].astype(np.float64) * scale).astype(np.int64)
+    with np.errstate(over="ignore"):
+        total = sum(views[1:], views[0])
+    print("VIEWS", len(views), [v.shape for v in views][0], [v.dtype for v in views][0])
+    print("ADD UP", np.array_equal(total, encoded))
+    print("EACH ALONE", [np.array_equal(v, encoded) for v in views])
+    print("DEVICES", sorted({d for d in shared.channel.devices}) == sorted(
+        {q.device for q in shared.channel.teaching(client._client._session)}))
+    try:
+        client.worker_views()
+    except ValueError:
+        print("TAKEN")
+    client.disconnect()
+    shared.stop()
+""")
+
+
+@pytest.mark.parametrize("protocol, parties", [("securenn", 2), ("aby3", 3)])
+def test_a_teaching_copy_shows_what_each_worker_really_received(tmp_path, protocol, parties):
+    proc = run_on_fresh_cluster(TEACHING, tmp_path, protocol, timeout=600)
+    out = proc.stdout
+    assert "NONE YET no teaching copy is waiting" in out, out + proc.stderr[-3000:]
+    assert f"VIEWS {parties} (1, 28, 28, 1) int64" in out, out
+    assert "ADD UP True" in out
+    assert f"EACH ALONE {[False] * parties}" in out
+    assert "DEVICES True" in out
+    assert "TAKEN" in out
