@@ -14,14 +14,12 @@ from tensorflow.python.ops import gen_data_flow_ops
 from tf_encrypted.protocol.aby3.aby3 import ABY3PrivateTensor, ShareType
 from tf_encrypted.protocol.pond import PondPrivateTensor
 
-from . import attendance, compat, mpc
+from . import attendance, compat, layers, mpc
 from . import channel as ch
 from .errors import ClusterError, ServingStoppedError, StepTimeoutError, WorkerStuckError
 
 T = TypeVar("T")
 
-SUPPORTED_LAYERS = {"Conv2D", "AveragePooling2D", "ReLU", "Activation", "Flatten", "Dense",
-                    "InputLayer"}
 _HEALTH_EVERY = 0.5     # seconds between worker checks while idle
 _NUDGE_AFTER = 1.0      # an idle wait for tickets is woken this often, to look around
 _ACK_BATCH = 32         # collect client acknowledgements in batches of this size
@@ -39,13 +37,9 @@ _NOTES_EVERY = 0.5      # while idle, how often the server reads the clients' no
 _WATCH_REPORT = 60.0    # watch_clients() says it is still watching this often
 
 
-def _check_model(model: tf.keras.Model) -> None:
-    if not isinstance(model, tf.keras.Sequential):
-        raise TypeError(f"share() takes a tf.keras.Sequential model, got {type(model).__name__}")
-    unsupported = sorted({type(layer).__name__ for layer in model.layers} - SUPPORTED_LAYERS)
-    if unsupported:
-        raise ValueError(f"layers not supported for private prediction: {', '.join(unsupported)}. "
-                         f"Supported: {', '.join(sorted(SUPPORTED_LAYERS - {'InputLayer'}))}.")
+def _check_model(model: tf.keras.Model, protocol: str = "securenn") -> None:
+    """Refuse, before anything is sent, a model that cannot be shared as it is."""
+    layers.check(model, protocol)
     try:
         shape = model.input_shape
     except AttributeError:
@@ -71,7 +65,8 @@ class SharedModel:
                              f"got {protocol!r}")
         if not isinstance(max_requests, int) or max_requests < 1:
             raise ValueError(f"max_requests must be a whole number >= 1, got {max_requests!r}")
-        _check_model(model)
+        _check_model(model, protocol)
+        model = layers.prepare(model, protocol)  # Dropout out, BatchNormalization folded
         self.cluster = cluster
         self.name = name
         self.protocol_name = protocol
@@ -708,9 +703,11 @@ def share(model: tf.keras.Sequential, cluster, name: str = "model", timeout: flo
           max_requests: int = 1) -> SharedModel:
     """Secret-share a Keras model across ``cluster``; return a `SharedModel`.
 
-    ``model`` must be a ``tf.keras.Sequential`` of Conv2D, AveragePooling2D,
-    ReLU/Activation, Flatten and Dense layers with a fixed batch size: the
-    shape of one request. ``protocol`` is "securenn" (two workers hold
+    ``model`` must be a ``tf.keras.Sequential`` with a fixed batch size (the
+    shape of one request) whose layers ``protocol`` serves: see
+    `helpers.layers` (Conv2D, Dense, average pooling, ReLU, BatchNormalization,
+    Dropout, ... with both protocols; MaxPooling2D with ABY3). Any other layer
+    is refused before anything is sent. ``protocol`` is "securenn" (two workers hold
     shares, the third helps) or "aby3" (all three hold two of three shares;
     faster on large batches). Clients find out which one is served by
     themselves.
