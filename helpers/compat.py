@@ -360,9 +360,31 @@ def _round_when_encoding() -> None:
     Pond._encode = encode_rounded
 
 
+def _clone_weightless_models() -> None:
+    # Upstream bug: tf_encrypted/keras/models/sequential.py, clone_model calls
+    # set_weights(model.get_weights()), and set_weights reads weights[0] first.
+    # A model without weights (only pooling, ReLU, Flatten: notebook 02 times
+    # such layers one by one) fails with IndexError: list index out of range.
+    # With no weights there is nothing to set.
+    from tf_encrypted.keras.models.sequential import Sequential
+
+    original = Sequential.set_weights
+    if getattr(original, "_helpers_weightless", False):
+        return
+
+    def set_weights(self, weights, *args, **kwargs):
+        if len(weights) == 0:
+            return None
+        return original(self, weights, *args, **kwargs)
+
+    set_weights._helpers_weightless = True
+    Sequential.set_weights = set_weights
+
+
 # In order, once TF Encrypted is imported.
 AFTER_IMPORT_FIXES: Tuple[Callable[[], None], ...] = (
-    _install_randomness, _install_bit_split_and_gather, _tf_dimension, _round_when_encoding)
+    _install_randomness, _install_bit_split_and_gather, _tf_dimension, _round_when_encoding,
+    _clone_weightless_models)
 
 
 # The ABY3 protocol state that holds its key material and counters.

@@ -197,6 +197,23 @@ class SharedModel:
             for queue in outputs:
                 queue.dequeue().numpy()  # waits for the computation to finish
 
+    def time_pass(self, repeats: int = 5) -> float:
+        """Median seconds of one private computation for one request, without a client.
+
+        The server's own work per request: input shares (all zero; under MPC
+        the cost does not depend on the values) from its queues, the shared
+        model, output shares into queues. Not while serving.
+        """
+        if self.serving_in_background or (self._loop_thread is not None
+                                          and self._loop_thread.is_alive()):
+            raise ClusterError("time_pass() would compete with serving: stop serving first")
+        seconds = []
+        for _ in range(repeats):
+            began = time.perf_counter()
+            mpc.call_with_timeout(lambda: self._warm_up(1), STUCK_AFTER, "timing a private pass")
+            seconds.append(time.perf_counter() - began)
+        return float(np.median(seconds))
+
     def share_of(self, layer_index: int = 0, party: int = 0) -> np.ndarray:
         """One share of a layer's first weight, as worker ``party`` holds it.
 

@@ -28,7 +28,7 @@ def _run(code: str, skip: str = "", extra_env=None):
 def test_every_fix_named_here_exists():
     assert compat.applied() == ["pkg_resources", "onnx_mapping", "glob_stateful_parallelism",
                                 "install_randomness", "install_bit_split_and_gather",
-                                "tf_dimension", "round_when_encoding"]
+                                "tf_dimension", "round_when_encoding", "clone_weightless_models"]
 
 
 # -- import fixes ------------------------------------------------------------
@@ -268,3 +268,24 @@ def test_the_noise_filter_drops_only_that_noise(tmp_path, seed_weights):
     assert "Failed to remove function remotely" not in err
     assert "This could happen if the remote target" not in err
     assert "E0000 a real error line must still be shown" in err
+
+
+WEIGHTLESS_SCRIPT = """
+import numpy as np, helpers, tensorflow as tf, tf_encrypted as tfe
+tfe.set_protocol(tfe.protocol.SecureNN())
+model = tf.keras.Sequential([tf.keras.layers.ReLU(batch_input_shape=(1, 4))])
+shared = tfe.keras.models.clone_model(model)
+x = np.array([[0.5, -0.25, 1.0, -1.0]])
+y = shared(tfe.define_private_variable(x)).reveal().to_native().numpy()
+print("ok", float(np.abs(y - model(x).numpy()).max()))
+"""
+
+
+def test_a_model_without_weights_cannot_be_cloned_without_the_fix():
+    proc = _run(WEIGHTLESS_SCRIPT, skip="clone_weightless_models")
+    assert proc.returncode != 0
+    assert "IndexError: list index out of range" in proc.stderr
+
+
+def test_a_model_without_weights_is_cloned_with_the_fix():
+    _ok_with_small_error(_run(WEIGHTLESS_SCRIPT))

@@ -1,0 +1,97 @@
+"""What each layer costs under MPC, measured: one layer at a time, privately and in plaintext.
+
+Notebook 02 prints the table on the reader's own machine. Each layer gets a
+one-layer model of its own, on an input shaped like the first convolution's
+output in the tutorial's CNN, which is shared and timed with each protocol
+that serves it. A Flatten, which moves nothing between the workers, shows
+what every private pass costs anyway: queues and messages.
+"""
+from __future__ import annotations
+
+import time
+from typing import List, Optional
+
+import numpy as np
+import tensorflow as tf
+
+from . import layers as served_layers
+
+_FEATURES = (1, 26, 26, 10)  # what conv1 of the tutorial's CNN hands on
+_PROTOCOLS = ("securenn", "aby3")
+_TITLES = {"securenn": "SecureNN", "aby3": "ABY3"}
+
+
+def _rows() -> list:
+    L = tf.keras.layers
+    return [
+        ("Flatten (moves nothing)", _FEATURES, lambda: L.Flatten()),
+        ("AveragePooling2D 2 x 2", _FEATURES, lambda: L.AveragePooling2D(2)),
+        ("Conv2D 3 x 3, 10 to 32", _FEATURES, lambda: L.Conv2D(32, 3)),
+        ("Dense 676 to 64", (1, 676), lambda: L.Dense(64)),
+        ("ReLU", _FEATURES, lambda: L.ReLU()),
+        ("MaxPooling2D 2 x 2", _FEATURES, lambda: L.MaxPooling2D(2)),
+    ]
+
+
+def _plaintext_seconds(model, x, repeats: int) -> float:
+    model(x)  # the first call builds the layer
+    seconds = []
+    for _ in range(repeats):
+        began = time.perf_counter()
+        model(x)
+        seconds.append(time.perf_counter() - began)
+    return float(np.median(seconds))
+
+
+def layer_costs(cluster, repeats: int = 5, verbose: bool = True) -> List[dict]:
+    """Median milliseconds of each layer alone: plaintext, and privately per protocol.
+
+    One dict per layer: ``layer``, ``plaintext_ms``, and ``securenn_ms`` and
+    ``aby3_ms`` (None where that protocol cannot serve the layer). Takes
+    about a minute on two cores: every layer is shared and traced anew.
+    """
+    from .serving import share
+
+    results = []
+    for index, (title, shape, make) in enumerate(_rows()):
+        tf.keras.utils.set_random_seed(index)
+        layer = make()
+        model = tf.keras.Sequential([layer], name=f"cost{index}")
+        model.build(shape)
+        model = tf.keras.Sequential.from_config(_with_shape(model.get_config(), shape))
+        x = np.random.default_rng(index).random(shape).astype("float32")
+        row = {"layer": title, "plaintext_ms": 1000 * _plaintext_seconds(model, x, repeats)}
+        kind = type(layer).__name__
+        for protocol in _PROTOCOLS:
+            if protocol not in served_layers.SERVED[kind]:
+                row[f"{protocol}_ms"] = None
+                continue
+            if verbose:
+                print(f"  timing {title} with {_TITLES[protocol]} ...", flush=True)
+            shared = share(model, cluster, protocol=protocol, verbose=False,
+                           name=f"layer-cost-{index}")
+            row[f"{protocol}_ms"] = 1000 * shared.time_pass(repeats)
+            shared.stop(wait_for_clients=0)
+        results.append(row)
+    return results
+
+
+def _with_shape(config: dict, shape) -> dict:
+    layer = next(layer for layer in config["layers"] if layer["class_name"] != "InputLayer")
+    layer["config"]["batch_input_shape"] = tuple(shape)
+    config["layers"] = [layer]
+    return config
+
+
+def layer_costs_table(results: List[dict]) -> str:
+    """The measurements as a text table, with each private time also as a multiple of Flatten's."""
+    base = {p: results[0][f"{p}_ms"] for p in _PROTOCOLS}
+    lines = [f"{'layer':<26}{'plaintext':>11}{'SecureNN':>18}{'ABY3':>18}"]
+    for row in results:
+        cells = [f"{row['layer']:<26}", f"{row['plaintext_ms']:>8.2f} ms"]
+        for protocol in _PROTOCOLS:
+            ms: Optional[float] = row[f"{protocol}_ms"]
+            cells.append(f"{'not served':>18}" if ms is None else
+                         f"{ms:>8.1f} ms ({ms / base[protocol]:>4.1f}x)")
+        lines.append("".join(cells))
+    return "\n".join(lines)
