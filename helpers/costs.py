@@ -61,13 +61,13 @@ def layer_costs(cluster, repeats: int = 5, verbose: bool = True) -> List[dict]:
         model = tf.keras.Sequential.from_config(_with_shape(model.get_config(), shape))
         x = np.random.default_rng(index).random(shape).astype("float32")
         row = {"layer": title, "plaintext_ms": 1000 * _plaintext_seconds(model, x, repeats)}
-        kind = type(layer).__name__
+        protocols = [p for p in _PROTOCOLS if p in served_layers.SERVED[type(layer).__name__]]
+        if verbose:
+            print(f"  timing {title} ({', '.join(_TITLES[p] for p in protocols)}) ...", flush=True)
         for protocol in _PROTOCOLS:
-            if protocol not in served_layers.SERVED[kind]:
+            if protocol not in protocols:
                 row[f"{protocol}_ms"] = None
                 continue
-            if verbose:
-                print(f"  timing {title} with {_TITLES[protocol]} ...", flush=True)
             shared = share(model, cluster, protocol=protocol, verbose=False,
                            name=f"layer-cost-{index}")
             row[f"{protocol}_ms"] = 1000 * shared.time_pass(repeats)
