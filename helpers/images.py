@@ -50,6 +50,10 @@ def _from_file(path: Union[str, os.PathLike]) -> np.ndarray:
         gray = np.asarray(image.convert("L"), dtype=np.float32) / 255.0
     if np.median(gray) > 0.5:  # a light background: MNIST is light on dark
         gray = 1.0 - gray
+    # Paper is rarely pure white: make its shade black, and the strongest ink white.
+    background = float(np.median(gray))
+    if gray.max() > background:
+        gray = np.clip((gray - background) / (gray.max() - background), 0.0, 1.0)
     ink = gray > 0.2
     if not ink.any():
         raise ValueError(f"{os.fspath(path)} shows no digit: it is one flat shade")

@@ -42,6 +42,9 @@ def test_a_dark_on_light_picture_is_turned_into_an_mnist_like_digit():
     assert digit[0, 0] == 0 and digit.max() > 0.9
     assert ink.min() >= 3 and ink.max() <= 24
     assert max(np.ptp(ink[:, 0]), np.ptp(ink[:, 1])) >= 17  # it fills the box
+    # the paper's shade became black, not a gray square around the digit
+    assert np.median(digit[ink[:, 0].min():ink[:, 0].max() + 1,
+                           ink[:, 1].min():ink[:, 1].max() + 1]) < 0.01
 
 
 def test_a_picture_without_a_digit_is_refused(tmp_path):
