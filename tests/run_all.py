@@ -91,6 +91,8 @@ def main() -> int:
         stages.append((f"{edition}: 02 and 03 together (serve + query)",
                        [*NBVAL, "-n", "2", "--dist", "loadfile",
                         str(folder / "02_serve.ipynb"), str(folder / "03_query.ipynb")]))
+        # As in a hosted notebook: nothing served, so 03 starts and stops its own.
+        stages.append((f"{edition}: 03 on its own", [*NBVAL, str(folder / "03_query.ipynb")]))
     stages.append(("no worker process left behind", ["tests/leftovers.py"]))
     if helpers_only:
         stages[0] = (f"helpers on Python {sys.version.split()[0]}: unit and integration tests",

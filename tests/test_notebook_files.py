@@ -73,4 +73,7 @@ def test_the_model_is_defined_in_notebook_01_only(edition):
     assert 'MODEL_FILE = "mnist_cnn.keras"' in train and "model.save(MODEL_FILE)" in train
     for later in (serve, query):
         assert "def build_model" not in later and "load_weights" not in later
-        assert 'tf.keras.models.load_model("mnist_cnn.keras"' in later
+    assert 'tf.keras.models.load_model("mnist_cnn.keras"' in serve
+    # 03 may run alone (a hosted notebook): 01's file, or a briefly trained model
+    assert 'helpers.trained_model("mnist_cnn.keras")' in query
+    assert 'model_file="mnist_cnn.keras"' in query
