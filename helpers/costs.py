@@ -15,6 +15,7 @@ import numpy as np
 import tensorflow as tf
 
 from . import layers as served_layers
+from .serving import share
 
 _FEATURES = (1, 26, 26, 10)  # what conv1 of the tutorial's CNN hands on
 _PROTOCOLS = ("securenn", "aby3")
@@ -50,8 +51,6 @@ def layer_costs(cluster, repeats: int = 5, verbose: bool = True) -> List[dict]:
     ``aby3_ms`` (None where that protocol cannot serve the layer). Takes
     about a minute on two cores: every layer is shared and traced anew.
     """
-    from .serving import share
-
     results = []
     for index, (title, shape, make) in enumerate(_rows()):
         tf.keras.utils.set_random_seed(index)

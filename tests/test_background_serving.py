@@ -6,7 +6,6 @@ for the clients still connected before it withdraws the model.
 """
 import textwrap
 
-import numpy as np
 import pytest
 
 from conftest import LOGIT_TOLERANCE, run_on_fresh_cluster
