@@ -174,9 +174,15 @@ class Channel:
             return tf.identity(taken)
 
     def _take_tickets_graph(self, handle, limit):
-        """Wait for one ticket, then take whatever else waits, up to ``limit``.
+        taken = self.take_tickets_on_worker(handle, limit)
+        with tf.device(local_device()):
+            return tf.identity(taken)
 
-        The tickets of the requests that one private computation answers together.
+    def take_tickets_on_worker(self, handle, limit) -> tf.Tensor:
+        """Graph code: wait for one ticket, then take whatever else waits, up to ``limit``.
+
+        The tickets of the requests that one private computation answers
+        together. The result stays on worker 0, for graphs that go on there.
         """
         with tf.device(self.devices[0]):
             first = gen_data_flow_ops.queue_dequeue_v2(handle, component_types=[tf.string])[0]
@@ -184,9 +190,7 @@ class Channel:
                 more = tf.minimum(gen_data_flow_ops.queue_size_v2(handle), limit - 1)
             rest = gen_data_flow_ops.queue_dequeue_many_v2(handle, more,
                                                            component_types=[tf.string])[0]
-            taken = tf.concat([tf.reshape(first, [1]), rest], axis=0)
-        with tf.device(local_device()):
-            return tf.identity(taken)
+            return tf.concat([tf.reshape(first, [1]), rest], axis=0)
 
     def _nudge_graph(self, handle):
         with tf.device(self.devices[0]):
