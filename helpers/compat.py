@@ -303,9 +303,10 @@ def _install_randomness() -> None:
 
 
 def _install_bit_split_and_gather() -> None:
-    # Same cause: ABY3's comparisons call aux.bit_split_and_gather, which
-    # exists only in the compiled aux op, with no fallback ("'NoneType' object
-    # has no attribute 'bit_split_and_gather'"). Ours is plain TensorFlow.
+    # Same cause: ABY3's comparisons call aux.bit_split_and_gather, and its
+    # exponential (so its softmax) calls aux.bit_reverse. Both exist only in
+    # the compiled aux op, with no fallback ("'NoneType' object has no
+    # attribute 'bit_split_and_gather'"). Ours are plain TensorFlow.
     from . import randomness
 
     module = sys.modules["tf_encrypted.operations.aux.aux"]
@@ -381,10 +382,32 @@ def _clone_weightless_models() -> None:
     Sequential.set_weights = set_weights
 
 
+def _softmax_by_tree_max() -> None:
+    # Upstream bug: ABY3.softmax (tf_encrypted/protocol/aby3/aby3.py) first
+    # finds each row's largest logit with max_method="network", a bitonic
+    # sort in ABY3's own while loop. Traced, that loop fails on TensorFlow 2:
+    # it reads FuncGraph.control_captures, which TensorFlow 2 removed
+    # (AttributeError), passes _build_while_op an argument that it no longer
+    # takes, and its body's nonces escape into the graph around the loop.
+    # ABY3 also finds a maximum by a tree of pairwise comparisons, with no
+    # loop (reduce_max's own default, method="tree"); the softmax is the same.
+    from tf_encrypted.protocol.aby3 import ABY3
+
+    original = ABY3.softmax
+    if getattr(original, "_helpers_tree_max", False):
+        return
+
+    def softmax(self, x, approx_type="mp-spdz", max_method="tree"):
+        return original(self, x, approx_type=approx_type, max_method=max_method)
+
+    softmax._helpers_tree_max = True
+    ABY3.softmax = softmax
+
+
 # In order, once TF Encrypted is imported.
 AFTER_IMPORT_FIXES: Tuple[Callable[[], None], ...] = (
     _install_randomness, _install_bit_split_and_gather, _tf_dimension, _round_when_encoding,
-    _clone_weightless_models)
+    _clone_weightless_models, _softmax_by_tree_max)
 
 
 # The ABY3 protocol state that holds its key material and counters.

@@ -2,8 +2,8 @@
 
 Notebook 02 prints the table on the reader's own machine. Each layer gets a
 one-layer model of its own, on an input shaped like the first convolution's
-output in the tutorial's CNN, which is shared and timed with each protocol
-that serves it. A Flatten, which moves nothing between the workers, shows
+output in the tutorial's CNN (softmax gets ten logits, as a classifier's last
+layer would), which is shared and timed with each protocol that serves it. A Flatten, which moves nothing between the workers, shows
 what every private pass costs anyway: queues and messages.
 """
 from __future__ import annotations
@@ -32,7 +32,20 @@ def _rows() -> list:
         ("Dense 676 to 64", (1, 676), L.Dense, {"units": 64}),
         ("ReLU", _FEATURES, L.ReLU, {}),
         ("MaxPooling2D 2 x 2", _FEATURES, L.MaxPooling2D, {"pool_size": 2}),
+        ("softmax over 10 logits", (1, 10), L.Activation, {"activation": "softmax"}),
     ]
+
+
+def _protocols_serving(model) -> List[str]:
+    """The protocols that `share()` accepts ``model`` with."""
+    served = []
+    for protocol in _PROTOCOLS:
+        try:
+            served_layers.check(model, protocol)
+        except ValueError:
+            continue
+        served.append(protocol)
+    return served
 
 
 def _plaintext_seconds(model, x, repeats: int) -> float:
@@ -60,7 +73,7 @@ def layer_costs(cluster, repeats: int = 5, verbose: bool = True) -> List[dict]:
                                     name=f"cost{index}")
         x = np.random.default_rng(index).random(shape).astype("float32")
         row = {"layer": title, "plaintext_ms": 1000 * _plaintext_seconds(model, x, repeats)}
-        protocols = [p for p in _PROTOCOLS if p in served_layers.SERVED[kind.__name__]]
+        protocols = _protocols_serving(model)
         if verbose:
             print(f"  timing {title} ({', '.join(_TITLES[p] for p in protocols)}) ...", flush=True)
         for protocol in _PROTOCOLS:

@@ -6,9 +6,9 @@ before anything is sent, with the list of what works:
 
 * TF Encrypted 0.9.1 lacks some layers altogether (ZeroPadding2D, for one);
 * MaxPooling2D exists only under ABY3;
-* softmax exists only under ABY3, and there it fails on TensorFlow 2 (its
-  sorting loop needs the compiled aux op, then a graph attribute that
-  TensorFlow 2 removed): open the logits, then apply softmax in the client;
+* softmax exists only under ABY3 (there it needs two fixes of ours, see
+  `helpers.compat`); it is costly, and the predicted class is the largest
+  logit anyway, so the tutorial's model leaves it out;
 * DepthwiseConv2D runs under ABY3 but its answers are wrong (off by about
   1e9 in our runs), so it is served with SecureNN only;
 * GlobalMaxPooling2D never finished sharing (over 120 s) with either protocol;
@@ -52,6 +52,7 @@ SERVED: Dict[str, tuple] = {
 ACTIVATIONS: Dict[str, tuple] = {
     "linear": ("securenn", "aby3"),
     "relu": ("securenn", "aby3"),
+    "softmax": ("aby3",),
 }
 _FOLDS_INTO = ("Conv2D", "Dense")
 _TITLES = {"securenn": "SecureNN", "aby3": "ABY3"}
@@ -104,8 +105,9 @@ def check(model: tf.keras.Model, protocol: str) -> None:
             allowed = ACTIVATIONS.get(activation)
             if allowed is None or protocol not in allowed:
                 options = ", ".join(_activation_notes())
-                hint = (" The predicted class is the largest logit: leave softmax out, and "
-                        "apply it in the client after opening the logits, if needed."
+                hint = (" Share with protocol='aby3', or leave softmax out: the predicted "
+                        "class is the largest logit, and a client that wants probabilities "
+                        "can apply softmax after opening the logits."
                         if activation == "softmax" else "")
                 raise ValueError(f"{where} has activation {activation!r}, which "
                                  f"{_TITLES[protocol]} cannot serve exactly. Served: {options}."

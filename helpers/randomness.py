@@ -177,3 +177,31 @@ class PlainAux:
         # The moved bits never overlap, so their sum is their bitwise or
         # (int addition wraps, which is right for the top bit too).
         return tf.reduce_sum(tf.bitwise.left_shift(picked, target), axis=1)
+
+    @staticmethod
+    def bit_reverse(x):
+        """Reverse the order of the bits of each element of ``x`` (bit 0 becomes the top bit).
+
+        ABY3's exponential needs it, and so its softmax. Works on the
+        unsigned view, so the shifts bring in zeros, in log2(bits) swaps:
+        neighbouring bits, then pairs, nibbles, and so on.
+        """
+        import tensorflow as tf
+
+        x = tf.convert_to_tensor(x)
+        unsigned = {tf.int64: tf.uint64, tf.int32: tf.uint32}.get(x.dtype)
+        if unsigned is None:
+            raise TypeError(f"bit_reverse takes int32 or int64, got {x.dtype.name}")
+        bits = x.dtype.size * 8
+        value = tf.bitcast(x, unsigned)
+        width = 1
+        while width < bits:
+            # The low half of every block of 2 * width bits: width ones, width zeros, ...
+            pattern = int("".join(["0" * width + "1" * width] * (bits // (2 * width))), 2)
+            low = tf.constant(pattern, unsigned)
+            shift = tf.constant(width, unsigned)
+            value = tf.bitwise.bitwise_or(
+                tf.bitwise.left_shift(tf.bitwise.bitwise_and(value, low), shift),
+                tf.bitwise.bitwise_and(tf.bitwise.right_shift(value, shift), low))
+            width *= 2
+        return tf.bitcast(value, x.dtype)

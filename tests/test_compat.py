@@ -28,7 +28,8 @@ def _run(code: str, skip: str = "", extra_env=None):
 def test_every_fix_named_here_exists():
     assert compat.applied() == ["pkg_resources", "onnx_mapping", "glob_stateful_parallelism",
                                 "install_randomness", "install_bit_split_and_gather",
-                                "tf_dimension", "round_when_encoding", "clone_weightless_models"]
+                                "tf_dimension", "round_when_encoding", "clone_weightless_models",
+                                "softmax_by_tree_max"]
 
 
 # -- import fixes ------------------------------------------------------------
@@ -289,3 +290,26 @@ def test_a_model_without_weights_cannot_be_cloned_without_the_fix():
 
 def test_a_model_without_weights_is_cloned_with_the_fix():
     _ok_with_small_error(_run(WEIGHTLESS_SCRIPT))
+
+
+# Traced, as serving traces it: eagerly the sorting loop does not build a graph.
+SOFTMAX_SCRIPT = """
+import numpy as np, helpers, tensorflow as tf, tf_encrypted as tfe
+tfe.set_protocol(tfe.protocol.ABY3())
+model = tf.keras.Sequential([tf.keras.layers.Activation("softmax", batch_input_shape=(2, 10))])
+shared = tfe.keras.models.clone_model(model)
+x = np.random.default_rng(0).normal(0, 3, (2, 10))
+private_x = tfe.define_private_variable(x)
+probabilities = tf.function(lambda: shared(private_x).reveal().to_native())
+print("ok", float(np.abs(probabilities().numpy() - model(x).numpy()).max()))
+"""
+
+
+def test_aby3_softmax_fails_when_traced_without_the_tree_max():
+    proc = _run(SOFTMAX_SCRIPT, skip="softmax_by_tree_max")
+    assert proc.returncode != 0
+    assert "'FuncGraph' object has no attribute 'control_captures'" in proc.stderr
+
+
+def test_aby3_softmax_matches_plaintext_with_the_tree_max():
+    _ok_with_small_error(_run(SOFTMAX_SCRIPT), bound=1e-3)

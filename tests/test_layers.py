@@ -28,7 +28,7 @@ def model_of(*layers, batch=1):
     (L.MaxPooling2D(2), "securenn", "works only with ABY3: share with protocol='aby3'"),
     (L.DepthwiseConv2D(3), "aby3", "works only with SecureNN"),
     (L.Activation("sigmoid"), "securenn", "activation 'sigmoid'"),
-    (L.Activation("softmax"), "aby3", "apply it in the client after opening the logits"),
+    (L.Activation("softmax"), "securenn", "Share with protocol='aby3', or leave softmax out"),
     (L.Conv2D(4, 3, activation="tanh"), "securenn", "activation 'tanh'"),
 ])
 def test_a_layer_that_cannot_be_served_is_refused_with_what_to_do(layer, protocol, says):
@@ -119,7 +119,7 @@ def every_served_layer(protocol):
                                            L.DepthwiseConv2D(3), L.Flatten(), L.Dense(10))
     else:
         models["aby3-only"] = model_of(L.Conv2D(4, 3), L.MaxPooling2D(2), L.ReLU(),
-                                       L.Flatten(), L.Dense(10))
+                                       L.Flatten(), L.Dense(10), L.Activation("softmax"))
     for model in models.values():
         _with_statistics(model)
     return models
@@ -132,6 +132,12 @@ def test_every_listed_layer_is_in_the_integration_models():
         listed = {name for name, protocols in served_layers.SERVED.items()
                   if protocol in protocols}
         assert listed <= seen | {"InputLayer"}, listed - seen
+        activations = {served_layers._activation_of(layer)
+                       for model in every_served_layer(protocol).values()
+                       for layer in model.layers}
+        listed = {name for name, protocols in served_layers.ACTIVATIONS.items()
+                  if protocol in protocols}
+        assert listed <= activations, listed - activations
 
 
 @pytest.mark.integration

@@ -164,3 +164,18 @@ def test_bit_split_and_gather_matches_a_bitwise_reference_for_every_stride(dtype
         assert got.shape == (stride, 3, 2)
         np.testing.assert_array_equal(got, _bit_split_and_gather_reference(values, stride, bits),
                                       err_msg=f"stride {stride}")
+
+
+@pytest.mark.parametrize("dtype, bits", [(tf.int64, 64), (tf.int32, 32)])
+def test_bit_reverse_matches_a_reference_on_the_bits_as_text(dtype, bits):
+    info = np.iinfo(dtype.as_numpy_dtype)
+    values = np.random.default_rng(3).integers(info.min, info.max, size=40,
+                                               dtype=dtype.as_numpy_dtype, endpoint=True)
+    values[:4] = [info.min, -1, 1, 0]  # the sign bit alone, every bit, the lowest bit, none
+    expected = []
+    for value in values:
+        reversed_bits = int(format(int(value) % (1 << bits), f"0{bits}b")[::-1], 2)
+        expected.append(reversed_bits - (1 << bits) if reversed_bits >> (bits - 1) else reversed_bits)
+    got = randomness.PlainAux.bit_reverse(tf.constant(values)).numpy()
+    np.testing.assert_array_equal(got, np.array(expected, dtype=dtype.as_numpy_dtype))
+    assert got[0] == 1 and got[2] == info.min  # the top bit and bit 0 trade places
