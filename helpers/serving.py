@@ -87,6 +87,7 @@ class SharedModel:
         self._unacknowledged: set = set()
         self._recent: dict = {}        # client id -> when it was last answered
         self.attendance = attendance.Attendance()  # who is connected, from their notes
+        self._events_watched = 0  # attendance events that watch_clients() has shown
         self._notes_read_at = 0.0
         self._watcher = None           # the thread that watches a background serve
         self.background_error: Optional[BaseException] = None
@@ -476,14 +477,19 @@ class SharedModel:
 
         Returns once a client has come and every client that came has left,
         or after ``timeout`` s, or on an interrupt: serving goes on either
-        way. ``served`` then says how many requests were answered.
+        way. ``served`` then says how many requests were answered. A client
+        counts if it came after the previous watch (or, the first time,
+        since serving began), or is still connected: run again after every
+        client has left, it waits for the next one.
         """
         if timeout <= 0:
             raise ValueError(f"timeout must be > 0 seconds, got {timeout}")
         if not self.serving_in_background:
             self._raise_background_error()
             raise ServingStoppedError("watch_clients() needs serve_in_background() first")
-        shown = len(self.attendance.events)
+        # What an earlier watch showed is not shown, or waited for, again.
+        shown = self._events_watched
+        awaited = self.attendance.connected > 0
         if self.verbose:
             print(f"Watching for clients (up to {timeout:.0f} s; interrupting only stops "
                   "the watching) ...", flush=True)
@@ -492,12 +498,14 @@ class SharedModel:
             while True:
                 events = self.attendance.events[shown:]
                 shown += len(events)
+                self._events_watched = shown
                 for event in events:
                     what = "connected" if event.kind == "hello" else "disconnected"
+                    awaited = awaited or event.kind == "hello"
                     print(f"  a client {what}: {event.connected} connected now, "
                           f"{event.answered} request(s) answered so far", flush=True)
                 self._raise_background_error()
-                if self.attendance.arrived and not self.attendance.connected:
+                if awaited and not self.attendance.connected:
                     print(f"Every client has left: {self.served} request(s) answered.")
                     return
                 now = time.monotonic()

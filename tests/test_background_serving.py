@@ -68,6 +68,7 @@ BACKGROUND = textwrap.dedent("""
     threading.Thread(target=b_later).start()
     shared.watch_clients(timeout=60)
     print("WATCHED", shared.served, flush=True)
+    shared.watch_clients(timeout=3)  # the clients shown have left: it waits for the next
 
     c, d = TFEWorker(), TFEWorker()
     c.connect_to_model((1, 28, 28, 1), (1, 10), cluster, timeout=60)
@@ -104,6 +105,9 @@ def test_serving_in_the_background_answers_until_stopped_and_waits_for_clients(t
     assert "a client disconnected: 0 connected now, 3 request(s) answered so far" in out, out
     assert "Every client has left: 3 request(s) answered." in out
     assert "WATCHED 3" in out
+    # Watched again with nobody new, it waits (out its timeout) instead of returning at once.
+    assert out.count("Every client has left") == 1, out
+    assert "Stopped watching after 3 s, serving in the background: 3 request(s) answered" in out
     # stop() waited for c and d: c's late query was answered, d never left
     assert "Waiting up to 10 s for 2 connected client(s) to disconnect" in out, out
     assert "1 client(s) still connected after 10 s: stopping anyway." in out, out
