@@ -9,7 +9,6 @@ an opened input or result.
 """
 from __future__ import annotations
 
-import atexit
 import os
 import threading
 import time
@@ -238,8 +237,7 @@ class PrivateClient:
         step = "waiting for the private prediction"
         ch.trace(f"client {self.client_id}: asking")
         client_id, channel = self.client_id, self.channel
-        asking = _Call(lambda: channel.ask(inputs, outputs, shares, client_id),
-                       after=lambda: channel.acknowledge(client_id))
+        asking = _Call(lambda: channel.ask(inputs, outputs, shares, client_id))
         try:
             self._watch(asking, outputs, time.monotonic() + timeout, step)
         except BaseException:
@@ -275,14 +273,12 @@ class PrivateClient:
             except Exception:
                 # End the wait, best effort, and give it a moment: a thread still
                 # inside TensorFlow when Python exits can abort the interpreter.
-                asking.cancel()
                 _Call(lambda: self.channel.release(outputs))
                 asking.done.wait(_RELEASE_WAIT)
                 raise
 
     def _release(self, asking: "_Call", outputs, step: str) -> None:
         """End a request's wait; if even that does not come back, a worker is stuck."""
-        asking.cancel()
         _Call(lambda: self.channel.release(outputs))
         if not asking.done.wait(_STUCK_GRACE):
             self._stuck = step
@@ -294,28 +290,15 @@ class PrivateClient:
 
 
 class _Call:
-    """``fn()`` running in a daemon thread; ``done`` is set when it returns or raises.
+    """``fn()`` running in a daemon thread; ``done`` is set when it returns or raises."""
 
-    ``after``, if given, runs in the same thread once ``fn`` has returned
-    without error (and nobody called `cancel`), after ``done`` is set: work
-    the waiting thread need not wait for.
-    """
-
-    def __init__(self, fn: Callable[[], T], after: Optional[Callable[[], None]] = None) -> None:
+    def __init__(self, fn: Callable[[], T]) -> None:
         self.value = None
         self.error: Optional[BaseException] = None
         self.done = threading.Event()
-        self.cancelled = False
-        self._fn, self._after = fn, after
-        self._thread = threading.Thread(target=self._run, name="helpers: call to the workers",
-                                        daemon=True)
-        if after is not None:
-            _unfinished.add(self)
-        self._thread.start()
-
-    def cancel(self) -> None:
-        """Skip ``after``: the result will not be used."""
-        self.cancelled = True
+        self._fn = fn
+        threading.Thread(target=self._run, name="helpers: call to the workers",
+                         daemon=True).start()
 
     def _run(self) -> None:
         try:
@@ -324,24 +307,6 @@ class _Call:
             self.error = exc
         finally:
             self.done.set()
-        try:
-            if self._after is not None and self.error is None and not self.cancelled:
-                self._after()
-        except Exception:  # best effort: the server stops waiting for it in time
-            pass
-        finally:
-            _unfinished.discard(self)
-
-
-_unfinished: set = set()  # calls whose `after` work may still be running
-
-
-@atexit.register
-def _let_calls_finish() -> None:
-    # A thread still inside TensorFlow when Python exits can abort the
-    # interpreter; an acknowledgement takes a few milliseconds.
-    for call in list(_unfinished):
-        call._thread.join(_RELEASE_WAIT)
 
 
 @dataclass
