@@ -2,9 +2,10 @@
 
 Notebook 02 prints the table on the reader's own machine. Each layer gets a
 one-layer model of its own, on an input shaped like the first convolution's
-output in the tutorial's CNN (softmax gets ten logits, as a classifier's last
-layer would), which is shared and timed with each protocol that serves it. A Flatten, which moves nothing between the workers, shows
-what every private pass costs anyway: queues and messages.
+output in the tutorial's CNN (softmax gets ten logits, as a classifier's
+last layer would), which is shared and timed with each protocol that serves
+it. A Flatten, which moves nothing between the workers, shows what every
+private pass costs anyway: queues and messages.
 """
 from __future__ import annotations
 
