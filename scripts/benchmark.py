@@ -248,8 +248,10 @@ def floor_figures(weights: Path, protocol: str, kind: str = "seed",
         if line.startswith("{"):
             row = json.loads(line)
             figures[row["batch"]] = {"median": row["median_s"], "images_per_s": row["images_per_s"]}
-    print(f"{kind} {protocol} alone, one process: batch 1 {figures[1]['median'] * 1000:.0f} ms, "
-          f"batch {max(batches)} {figures[max(batches)]['images_per_s']:.0f} images/s", flush=True)
+    small, large = min(batches), max(batches)
+    print(f"{kind} {protocol} alone, one process: batch {small} "
+          f"{figures[small]['median'] * 1000:.0f} ms, batch {large} "
+          f"{figures[large]['images_per_s']:.0f} images/s", flush=True)
     return figures
 
 
