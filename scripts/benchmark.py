@@ -250,8 +250,9 @@ def floor_figures(weights: Path, protocol: str, kind: str = "seed",
             figures[row["batch"]] = {"median": row["median_s"], "images_per_s": row["images_per_s"]}
     small, large = min(batches), max(batches)
     print(f"{kind} {protocol} alone, one process: batch {small} "
-          f"{figures[small]['median'] * 1000:.0f} ms, batch {large} "
-          f"{figures[large]['images_per_s']:.0f} images/s", flush=True)
+          f"{figures[small]['median'] * 1000:.0f} ms"
+          + (f", batch {large}" if large != small else ",")
+          + f" {figures[large]['images_per_s']:.0f} images/s", flush=True)
     return figures
 
 
