@@ -1,6 +1,6 @@
 """Benchmark: private prediction against plaintext Keras, in one run.
 
-    bash run.sh bench            # full run (about 20 minutes on 2 cores)
+    bash run.sh bench            # full run (about 35 minutes on 2 cores)
     bash run.sh bench --quick    # smoke run: fewer queries, 1,000 images for agreement
 
 Measures, on this machine, with three workers, a serving process and this
