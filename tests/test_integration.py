@@ -204,3 +204,38 @@ def test_an_unanswered_query_times_out_and_its_late_answer_reaches_nobody(tmp_pa
     diff, private_class, plain_class, first_class = out.split("SECOND")[1].split()
     assert float(diff) < LOGIT_TOLERANCE
     assert int(private_class) == int(plain_class) != int(first_class)  # its own answer
+
+
+ACKNOWLEDGED = """
+import sys, threading, time
+import numpy as np, tensorflow as tf
+from helpers import TFECluster, TFEWorker, share
+
+cluster = TFECluster.load(sys.argv[1], timeout=60, verbose=False)
+model = tf.keras.Sequential([tf.keras.layers.Flatten(batch_input_shape=(1, 2, 2, 1)),
+                             tf.keras.layers.Dense(3)])
+shared = share(model, cluster, name="acked")
+serving = threading.Thread(target=shared.serve, kwargs=dict(num_requests=1, timeout=120))
+serving.start()
+client = TFEWorker()
+client.connect_to_model((1, 2, 2, 1), (1, 3), cluster, timeout=60, model_name="acked")
+client.query_model(np.full((1, 2, 2, 1), 0.5), timeout=60)
+answered = time.monotonic()
+serving.join(120)
+print("SERVE ENDED AFTER", round(time.monotonic() - answered, 1), flush=True)
+client.disconnect()
+shared.stop(wait_for_clients=0)
+"""
+
+
+def test_the_server_learns_from_the_request_call_itself_that_its_answer_was_taken(tmp_path):
+    # serve(num_requests) keeps the workers needed until every answered client
+    # has acknowledged its answer, for up to 30 s. The acknowledgement is part
+    # of the client's one call, so serving ends right after the answer.
+    from conftest import run_on_fresh_cluster
+
+    proc = run_on_fresh_cluster(ACKNOWLEDGED, tmp_path, timeout=300)
+    ended = [line for line in proc.stdout.splitlines() if line.startswith("SERVE ENDED")]
+    assert ended, proc.stdout + proc.stderr[-2000:]
+    assert float(ended[0].split()[-1]) < 10, ended[0]
+    assert "not collected" not in proc.stdout, proc.stdout
