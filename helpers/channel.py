@@ -47,6 +47,7 @@ import numpy as np
 import tensorflow as tf
 from tensorflow.python.ops import gen_data_flow_ops
 
+from .calls import DirectFunction
 from .mpc import PROTOCOLS, device_of, local_device, parties_of, per_connection
 
 _TRACE = bool(os.environ.get("HELPERS_TRACE"))
@@ -121,28 +122,27 @@ class Channel:
         self.tickets = SharedQueue(public, f"{self.prefix}/tickets", tf.string, [], TICKET_CAPACITY)
         self.acks = SharedQueue(public, f"{self.prefix}/acks", tf.string, [], TICKET_CAPACITY)
         self.ready = _ready_queue(self.prefix)
-        # autograph=False: plain graph code, nothing to convert.
-        self._count_all = tf.function(self._count_all_graph, autograph=False)
-        self._take_one = tf.function(self._take_one_graph, autograph=False)
-        self._announce = tf.function(self._announce_graph, autograph=False)
-        self._take_all = tf.function(self._take_all_graph, autograph=False)
-        self._take_tickets = tf.function(self._take_tickets_graph, autograph=False)
-        self._nudge = tf.function(self._nudge_graph, autograph=False)
-        self._ask = tf.function(self._ask_graph, autograph=False)
-        self._release = tf.function(self._release_graph, autograph=False)
-        self._note = tf.function(self._note_graph, autograph=False)
-        self._keep = tf.function(self._keep_graph, autograph=False)
-        self._read_back = tf.function(self._read_back_graph, autograph=False)
+        # Traced once each (plain graph code, no autograph), then called directly:
+        # these calls are made for every request (see `helpers.calls`).
+        self._count = DirectFunction(self._count_graph)
+        self._take_one = DirectFunction(self._take_one_graph)
+        self._announce = DirectFunction(self._announce_graph)
+        self._take_all = DirectFunction(self._take_all_graph)
+        self._take_tickets = DirectFunction(self._take_tickets_graph)
+        self._nudge = DirectFunction(self._nudge_graph)
+        self._ask = DirectFunction(self._ask_graph)
+        self._release = DirectFunction(self._release_graph)
+        self._note = DirectFunction(self._note_graph)
+        self._keep = DirectFunction(self._keep_graph)
+        self._read_back = DirectFunction(self._read_back_graph)
 
     # -- traced bodies: each runs as one call across the workers -------------
 
-    def _count_all_graph(self, handles, devices):
-        counts = []
-        for handle, device in zip(handles, devices):
-            with tf.device(device):
-                counts.append(gen_data_flow_ops.queue_size_v2(handle))
+    def _count_graph(self, handle):
+        with tf.device(self.devices[0]):  # where every public queue lives
+            count = gen_data_flow_ops.queue_size_v2(handle)
         with tf.device(local_device()):
-            return tf.reduce_min(tf.stack(counts))
+            return tf.identity(count)
 
     def _take_one_graph(self, handle):
         with tf.device(self.devices[0]):
@@ -262,7 +262,7 @@ class Channel:
 
     def waiting(self, queue: SharedQueue) -> int:
         """How many elements wait in a public queue (tickets, acks or ready)."""
-        return int(self._count_all([queue.handle], [queue.device]).numpy())
+        return int(self._count(queue.handle).numpy())
 
     def announce(self) -> None:
         """Mark the model as served (once: a second call changes nothing).

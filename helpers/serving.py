@@ -15,6 +15,7 @@ from tf_encrypted.protocol.aby3.aby3 import ABY3PrivateTensor, ShareType
 from tf_encrypted.protocol.pond import PondPrivateTensor
 
 from . import attendance, compat, layers, mpc
+from .calls import DirectFunction
 from . import channel as ch
 from .errors import ClusterError, ServingStoppedError, StepTimeoutError, WorkerStuckError
 
@@ -104,11 +105,10 @@ class SharedModel:
         # clone_model shares every weight: blocks if a worker is unreachable.
         self._tfe_model = mpc.call_with_timeout(lambda: tfe.keras.models.clone_model(model),
                                                 timeout, "sharing the model weights")
-        # One traced pass per batch size. autograph=False: TF Encrypted's layers
+        # One traced pass per batch size, without autograph: TF Encrypted's layers
         # use no tensor-dependent Python control flow, and converting its code
         # took ~15 of the ~18 s of tracing.
-        self._passes = {size: tf.function(self._answer_graph, autograph=False)
-                        for size in self.pass_sizes}
+        self._passes = {size: DirectFunction(self._answer_graph) for size in self.pass_sizes}
         # Trace each now, so no client waits for it.
         for size in self.pass_sizes:
             mpc.call_with_timeout(lambda: self._warm_up(size), timeout,
@@ -251,7 +251,7 @@ class SharedModel:
 
     def _prepare_expect(self) -> None:
         try:
-            self._expect = tf.function(self._expect_graph, autograph=False)
+            self._expect = DirectFunction(self._expect_graph)
             self._warm_up_expect()
             self._expect_ready.set()
         except Exception as exc:  # serving goes on without it, one round trip slower
@@ -564,8 +564,11 @@ class SharedModel:
                 last = self._lone[0]
                 if last is not None and self._expect_ready.is_set() and self._alone(last):
                     # The last requests came alone from one client: likely the next.
+                    ch.trace(f"server: expecting {last}")
                     taken, answered, seconds = loop.call(
                         lambda: self._answer_expected(last, limit), waiting=True)
+                    ch.trace(f"server: expected call returned {taken}, answered {answered}, "
+                             f"{seconds * 1000:.1f} ms after the ticket")
                     if answered:
                         self.expected_answers += 1
                         self._answered([last], seconds, loop)
