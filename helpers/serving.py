@@ -5,21 +5,19 @@ import sys
 import threading
 import time
 import uuid
-from typing import Callable, Optional, TypeVar
+from typing import Optional
 
 import numpy as np
 import tensorflow as tf
 import tf_encrypted as tfe
 from tensorflow.python.ops import gen_data_flow_ops
-from tf_encrypted.protocol.aby3.aby3 import ABY3PrivateTensor, ShareType
-from tf_encrypted.protocol.pond import PondPrivateTensor
 
-from . import attendance, compat, layers, mpc
+from . import attendance, layers, mpc
 from .calls import DirectFunction
 from . import channel as ch
+from .forward import forward_aby3, forward_securenn
+from .loop import ServingLoop
 from .errors import ClusterError, ServingStoppedError, StepTimeoutError, WorkerStuckError
-
-T = TypeVar("T")
 
 _HEALTH_EVERY = 0.5     # seconds between worker checks while idle
 _NUDGE_AFTER = 1.0      # an idle wait for tickets is woken this often, to look around
@@ -363,7 +361,8 @@ class SharedModel:
         self._check_not_stuck()
         self._let_previous_loop_finish()
         deadline = None if timeout is None else time.monotonic() + timeout
-        loop = _ServingLoop(self, num_requests, deadline, timeout)
+        loop = ServingLoop(self._serve_requests, self.channel.nudge, num_requests, deadline,
+                           timeout)
         self._loop = loop
         thread = threading.Thread(target=loop.run, name="helpers: serving", daemon=True)
         self._loop_thread = thread
@@ -382,7 +381,7 @@ class SharedModel:
             raise loop.error
         return loop.answered
 
-    def _watch(self, thread: threading.Thread, loop: "_ServingLoop", stuck_after: float) -> None:
+    def _watch(self, thread: threading.Thread, loop: ServingLoop, stuck_after: float) -> None:
         """Watch the serving thread until it ends: stuck calls, idle waits, worker health."""
         last_health = time.monotonic()
         while thread.is_alive():
@@ -424,7 +423,8 @@ class SharedModel:
         self._check_not_stuck()
         self._let_previous_loop_finish()
         self.background_error = None
-        loop = _ServingLoop(self, None, None, None, quiet=True)
+        loop = ServingLoop(self._serve_requests, self.channel.nudge, None, None, None,
+                           quiet=True)
         self._loop = loop
         thread = threading.Thread(target=loop.run, name="helpers: serving", daemon=True)
         self._loop_thread = thread
@@ -436,7 +436,7 @@ class SharedModel:
         if self.verbose:
             print("Serving in the background until stop() is called.", flush=True)
 
-    def _watch_in_background(self, thread: threading.Thread, loop: "_ServingLoop",
+    def _watch_in_background(self, thread: threading.Thread, loop: ServingLoop,
                              stuck_after: float) -> None:
         try:
             self._watch(thread, loop, stuck_after)
@@ -543,7 +543,7 @@ class SharedModel:
                    "connections but does not respond is stopped or overloaded: check it "
                    "(`python -m helpers status`), then stop the cluster and start it again.")
 
-    def _serve_requests(self, loop: "_ServingLoop") -> None:
+    def _serve_requests(self, loop: ServingLoop) -> None:
         """The serving loop itself; runs in the helper thread of `serve`."""
         num_requests, deadline = loop.num_requests, loop.deadline
         channel = self.channel
@@ -598,7 +598,7 @@ class SharedModel:
         if not loop.finishing:
             self._wait_for_acks(loop)
 
-    def _gather(self, clients: list, limit: int, loop: "_ServingLoop") -> list:
+    def _gather(self, clients: list, limit: int, loop: ServingLoop) -> list:
         """More tickets from clients that asked recently, if they come soon; bounded.
 
         Clients that query one after another fall into groups that take turns:
@@ -639,7 +639,7 @@ class SharedModel:
             timer.cancel()  # one that already fired leaves a nudge: the loop skips it
         return more
 
-    def _answered(self, clients: list, seconds: float, loop: "_ServingLoop") -> None:
+    def _answered(self, clients: list, seconds: float, loop: ServingLoop) -> None:
         """Count, report and await the acknowledgements of answered requests."""
         ch.trace(f"server: answered {len(clients)}")
         now = time.monotonic()
@@ -653,7 +653,7 @@ class SharedModel:
         if len(self._unacknowledged) >= _ACK_BATCH:
             self._read_notes(loop)
 
-    def _read_notes(self, loop: "_ServingLoop") -> None:
+    def _read_notes(self, loop: ServingLoop) -> None:
         """Take the clients' acknowledgements, hellos and goodbyes from the ``acks`` queue."""
         acks, greetings = attendance.split_notes(loop.call(self.channel.take_acks))
         self._notes_read_at = time.monotonic()
@@ -677,7 +677,7 @@ class SharedModel:
             self._client_queues.pop(next(iter(self._client_queues)))
         return queues
 
-    def _wait_for_acks(self, loop: "_ServingLoop") -> None:
+    def _wait_for_acks(self, loop: ServingLoop) -> None:
         """Keep the workers needed until every answered client holds its answer."""
         deadline = time.monotonic() + _ACK_WAIT
         try:
@@ -742,104 +742,6 @@ class SharedModel:
             time.sleep(0.1)
 
 
-class _ServingLoop:
-    """The state of one `SharedModel.serve` call, shared by its two threads.
-
-    The helper thread answers requests; the caller's thread watches how long
-    the current call to the workers has been running, and can ask the loop
-    to finish after that call (an interrupt) or give up on it (a stuck worker).
-    A call that waits for tickets is not busy: it may wait as long as no
-    request comes. It is woken by a nudge, and it is stuck only if it does not
-    return after one.
-    """
-
-    def __init__(self, model: SharedModel, num_requests: Optional[int],
-                 deadline: Optional[float], timeout: Optional[float],
-                 quiet: bool = False) -> None:
-        self.model = model
-        self.quiet = quiet  # in the background: no line per request
-        self.num_requests = num_requests
-        self.deadline = deadline
-        self.timeout = timeout
-        self.answered = 0
-        self.error: Optional[BaseException] = None
-        self.finishing = False
-        self._abandoned = False
-        self._call_started: Optional[float] = None
-        self._waiting = False
-        self._nudged_at: Optional[float] = None
-        self._nudging = threading.Lock()
-
-    def run(self) -> None:
-        try:
-            self.model._serve_requests(self)
-        except BaseException as exc:  # handed to the watching thread
-            if not self._abandoned:
-                self.error = exc
-
-    def call(self, fn: Callable[[], T], waiting: bool = False) -> T:
-        """Run one call to the workers, timed so the watcher can see a stuck one.
-
-        ``waiting``: the call waits for tickets, as long as none come.
-        """
-        self._nudged_at = None
-        self._waiting = waiting
-        self._call_started = time.monotonic()
-        try:
-            return fn()
-        finally:
-            self._call_started = None
-
-    def busy_for(self) -> float:
-        """Seconds the current call has been running (0 between calls).
-
-        For a wait for tickets: seconds since it was nudged (0 if not yet).
-        """
-        started, nudged = self._call_started, self._nudged_at
-        if started is None:
-            return 0.0
-        if self._waiting:
-            return 0.0 if nudged is None else time.monotonic() - nudged
-        return time.monotonic() - started
-
-    def waiting_for(self) -> float:
-        """Seconds the current wait for tickets has gone un-nudged (0 otherwise)."""
-        started = self._call_started
-        if started is None or not self._waiting or self._nudged_at is not None:
-            return 0.0
-        return time.monotonic() - started
-
-    def nudge(self) -> None:
-        """Wake the wait for tickets, in a daemon thread (one nudge at a time).
-
-        If worker 0 is stuck, the nudge itself never returns: then its thread
-        stays behind, and `busy_for` shows the wait as stuck.
-        """
-        if self._nudged_at is None:
-            self._nudged_at = time.monotonic()
-        if not self._nudging.acquire(blocking=False):
-            return  # the previous nudge has not returned yet
-
-        def send() -> None:
-            try:
-                self.model.channel.nudge()
-            except Exception:  # the loop's own call will report the problem
-                pass
-            finally:
-                self._nudging.release()
-
-        threading.Thread(target=send, name="helpers: nudge", daemon=True).start()
-
-    def finish_soon(self) -> None:
-        """Stop after the call in progress (on an interrupt)."""
-        self.finishing = True
-
-    def abandon(self) -> None:
-        """Give up on a call that never returns; the loop ends if it ever does."""
-        self.finishing = True
-        self._abandoned = True
-
-
 def share(model: tf.keras.Sequential, cluster, name: str = "model", timeout: float = 120.0,
           verbose: bool = True, protocol: str = "securenn",
           max_requests: int = 1) -> SharedModel:
@@ -874,40 +776,3 @@ def pass_sizes(max_requests: int) -> tuple:
         sizes.append(size)
         size *= 2
     return tuple(sizes + [max_requests])
-
-
-def forward_securenn(protocol, tfe_model, shares: list) -> list:
-    """SecureNN: a TF Encrypted model on two input shares -> two output shares.
-
-    ``shares`` are int64 tensors placed on workers 0 and 1. The caller
-    traces this inside a ``tf.function``.
-    """
-    factory = protocol.tensor_factory
-    x0, x1 = (factory.tensor(share, encode=False) for share in shares)
-    y = tfe_model(PondPrivateTensor(protocol, x0, x1, True))
-    return [share.value for share in y.unwrapped]
-
-
-def forward_aby3(protocol, tfe_model, shares: list, devices: list) -> list:
-    """ABY3: three additive input shares -> three additive output shares.
-
-    Share i is on ``devices[i]``. ABY3 replicates: worker i holds shares i
-    and i+1 of three, so each worker also receives its neighbour's share
-    (never a third one).
-    """
-    factory = protocol.default_factory
-    with compat.fresh_aby3_randomness(protocol):
-        pairs = []
-        for party in range(3):
-            with tf.device(devices[party]):
-                pairs.append([factory.tensor(shares[party]),
-                              factory.tensor(tf.identity(shares[(party + 1) % 3]))])
-        y = tfe_model(ABY3PrivateTensor(protocol, pairs, True, ShareType.ARITHMETIC))
-        # Add a fresh sharing of zero, so the three shares the client gets
-        # are uniformly random apart from their sum, the logits.
-        zero = protocol._gen_zero_sharing(y.shape, factory=factory)
-        outputs = []
-        for party in range(3):
-            with tf.device(devices[party]):
-                outputs.append((y.shares[party][0] + zero[party]).value)
-    return outputs

@@ -3,8 +3,8 @@
     python scripts/protocol_floor.py PROTOCOL BATCHES [--weights W] [--model M]
                                      [--repeats N] [--config CLUSTER_JSON]
 
-Runs the exact forward pass the helpers serve (`serving.forward_securenn` or
-`serving.forward_aby3`) as one traced call that starts from the input shares
+Runs the exact forward pass the helpers serve (`forward.forward_securenn` or
+`forward.forward_aby3`) as one traced call that starts from the input shares
 in this process, and ends with the output shares added here. Two floors:
 
 * without --config, the in-process floor: TF Encrypted's local configuration
@@ -40,7 +40,7 @@ from helpers.client import decode, encode, secret_share
 from helpers import mpc
 from helpers.calls import DirectFunction
 from helpers.models import MODELS, as_model_input
-from helpers.serving import forward_aby3, forward_securenn
+from helpers.forward import forward_aby3, forward_securenn
 
 
 def make_protocol(name: str, cluster=None):
