@@ -259,20 +259,6 @@ def floor_figures(weights: Path, protocol: str, kind: str = "seed",
 CLIENTS = 4  # clients querying at once, each at batch 1
 
 
-def distributed_floor(config: Path, weights: Path, kind: str, protocol: str,
-                      batches: tuple) -> dict:
-    """The served computation driven directly on the cluster's workers (protocol_floor.py)."""
-    proc = subprocess.run([sys.executable, str(ROOT / "scripts" / "protocol_floor.py"), protocol,
-                           ",".join(map(str, batches)), "--weights", str(weights), "--model",
-                           kind, "--config", str(config), "--repeats", "60"], cwd=ROOT,
-                          capture_output=True, text=True, timeout=1800)
-    if proc.returncode != 0:
-        raise RuntimeError(f"distributed floor {kind} {protocol} failed:\n{proc.stderr[-2000:]}")
-    rows = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
-    return {row["batch"]: {"median": row["median_s"], "images_per_s": row["images_per_s"]}
-            for row in rows}
-
-
 def _next_json(proc: subprocess.Popen):
     """The next line of ``proc``'s output that is JSON (libraries may print other lines)."""
     for line in proc.stdout:
@@ -330,38 +316,92 @@ def side_by_side(cluster, config: Path, weights: Path, kind: str, protocol: str,
 
 
 def concurrent_figures(config: Path, weights: Path, kind: str, protocol: str,
-                       queries: int) -> dict:
-    """`CLIENTS` client processes at batch 1, all at once, against one batching server."""
+                       queries: int, rounds: int = 5) -> dict:
+    """`CLIENTS` client processes at batch 1, all at once, next to the floor at batch `CLIENTS`.
+
+    As in `side_by_side`, the floor's driver and the serving process stay
+    connected to the same workers and take turns in ``rounds`` rounds: the
+    floor's calls, then ``queries // rounds`` queries from every client at
+    once. The figures are the medians over the rounds: ``images_per_s`` while
+    all clients are asking (`_all_asking`), ``whole_round`` from the round's
+    start to its last answer, which also counts the clients' staggered start
+    and finish.
+    """
     name = f"together-{kind}-{protocol}"
-    server = serve(config, weights, 1, CLIENTS * (queries + 1), protocol, kind=kind,
-                   max_requests=CLIENTS, name=name)
-    script = str(ROOT / "scripts" / "concurrent_clients.py")
-    clients = [subprocess.Popen([sys.executable, script, str(config), name, str(weights), kind,
-                                 str(i * queries), str(queries)], cwd=ROOT, text=True,
-                                stdin=subprocess.PIPE, stdout=subprocess.PIPE)
-               for i in range(CLIENTS)]
+    floor = subprocess.Popen([sys.executable, str(ROOT / "scripts" / "protocol_floor.py"),
+                              protocol, str(CLIENTS), "--weights", str(weights), "--model", kind,
+                              "--config", str(config), "--interleaved"], cwd=ROOT, text=True,
+                             stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+    server, clients = None, []
+    per_round = max(1, queries // rounds)
+    floor_times, together, whole, rows = [], [], [], []
     try:
+        _wait_for_line(floor, "ready", 600, what="the distributed floor")
+        server = serve(config, weights, 1, CLIENTS * (per_round * rounds + 1), protocol,
+                       kind=kind, max_requests=CLIENTS, name=name)
+        script = str(ROOT / "scripts" / "concurrent_clients.py")
+        clients = [subprocess.Popen([sys.executable, script, str(config), name, str(weights),
+                                     kind, str(i * queries), str(per_round * rounds)], cwd=ROOT,
+                                    text=True, stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+                   for i in range(CLIENTS)]
         for client in clients:
             # Skip the progress lines of connecting ("still waiting ..."), bounded.
             _wait_for_line(client, "ready", 600, what="a concurrent client")
-        for client in clients:  # all connected and warm: go
-            client.stdin.write("go\n")
-            client.stdin.flush()
-        rows = [json.loads(client.communicate(timeout=1800)[0].strip().splitlines()[-1])
-                for client in clients]
+        for _ in range(rounds):
+            floor.stdin.write(f"{max(6, 60 // rounds)}\n")
+            floor.stdin.flush()
+            floor_times += _next_json(floor)
+            for client in clients:  # all connected and warm: go together
+                client.stdin.write(f"{per_round}\n")
+                client.stdin.flush()
+            batch = [_next_json(client) for client in clients]
+            whole.append(sum(r["queries"] for r in batch) / (
+                max(r["answered"][-1] for r in batch) - min(r["started"] for r in batch)))
+            together.append(_all_asking(batch))
+            rows += batch
+        for process in [floor] + clients:
+            process.stdin.write("done\n")
+            process.stdin.flush()
+        json.loads(floor.communicate(timeout=300)[0].strip().splitlines()[-1])  # its check passed
+        if floor.returncode != 0:
+            raise RuntimeError(f"the distributed floor failed (status {floor.returncode})")
+        for client in clients:
+            client.communicate(timeout=300)
         _finish(server)
     finally:
-        for client in clients:
-            _stop(client)
+        for process in [floor] + clients:
+            _stop(process)
         _stop(server)
     total = sum(row["queries"] for row in rows)
     same = sum(row["same_class"] for row in rows)
     if same != total:
         raise RuntimeError(f"{kind} {protocol}: {total - same} of {total} answers to concurrent "
                            "clients did not match plaintext's class")
-    seconds = max(row["ended"] for row in rows) - min(row["started"] for row in rows)
-    return {"images_per_s": total / seconds, "same_class": same, "queries": total,
-            "max_logit_diff": max(row["max_logit_diff"] for row in rows)}
+    median = float(np.median(floor_times))
+    return {"images_per_s": float(np.median(together)),
+            "whole_round": float(np.median(whole)), "same_class": same, "queries": total,
+            "max_logit_diff": max(row["max_logit_diff"] for row in rows),
+            "floor": {"median": median, "images_per_s": CLIENTS / median}}
+
+
+def _all_asking(rows: list) -> float:
+    """Images per second in all, while every client of a round is asking.
+
+    From the moment the last client has its first answer to the moment the
+    first client has its last one, every client is querying. Each client's
+    rate over its answers in that span (one fewer than the answers, over the
+    time from the first to the last) adds up to the server's rate under all
+    clients at once, without the round's ragged start and end.
+    """
+    begin = max(row["answered"][0] for row in rows)
+    end = min(row["answered"][-1] for row in rows)
+    total = 0.0
+    for row in rows:
+        inside = [t for t in row["answered"] if begin <= t <= end]
+        if len(inside) < 2 or inside[-1] <= inside[0]:
+            raise RuntimeError("a round too short to measure: ask for more queries per round")
+        total += (len(inside) - 1) / (inside[-1] - inside[0])
+    return total
 
 
 def against_the_floor(kind: str, weights: Path, x: np.ndarray, queries: int,
@@ -374,19 +414,21 @@ def against_the_floor(kind: str, weights: Path, x: np.ndarray, queries: int,
         cluster.save(config)
         for protocol in protocols:
             big = (100,) if kind == "seed" else ()
-            floor = distributed_floor(config, weights, kind, protocol, (CLIENTS,))
+            floor: dict = {}
             row = {"floor": floor, "served": {}}
             for batch, count in ((1, queries),) + tuple((b, 10) for b in big):
                 pair = side_by_side(cluster, config, weights, kind, protocol, batch, count, x)
                 floor[batch], row["served"][batch] = pair["floor"], pair["served"]
             row["together"] = concurrent_figures(config, weights, kind, protocol,
                                                  max(10, queries // 2))
+            floor[CLIENTS] = row["together"]["floor"]
             figures[protocol] = row
             print(f"{kind} {protocol}: batch 1 {row['served'][1]['median'] * 1000:.0f} ms, "
                   f"distributed floor {floor[1]['median'] * 1000:.0f} ms "
                   f"({row['served'][1]['median'] / floor[1]['median']:.2f}x); {CLIENTS} clients "
-                  f"at once {row['together']['images_per_s']:.0f} images/s, floor at batch "
-                  f"{CLIENTS} {floor[CLIENTS]['images_per_s']:.0f} "
+                  f"at once {row['together']['images_per_s']:.1f} images/s (whole rounds "
+                  f"{row['together']['whole_round']:.1f}), floor at batch "
+                  f"{CLIENTS} {floor[CLIENTS]['images_per_s']:.1f} "
                   f"({row['together']['images_per_s'] / floor[CLIENTS]['images_per_s']:.2f}x)",
                   flush=True)
     return figures

@@ -3,13 +3,15 @@
     python scripts/concurrent_clients.py CONFIG MODEL_NAME WEIGHTS KIND FIRST QUERIES
 
 The benchmark starts several of these against one server. Each connects,
-prints "ready", and waits for a line on stdin, so that all of them start
-together. Then it privately predicts QUERIES test images one at a time,
-starting at image FIRST (each client gets its own images), and prints one
-JSON line: when it started and ended (time.monotonic(), the same clock in
-every process of this machine) and how many answers matched plaintext
-Keras's classes on its own images. An answer that reached the wrong
-client would almost always show there.
+prints "ready", and then answers the benchmark's stdin in rounds, so that
+all of them start each round together: a line with a count N makes it
+privately predict its next N test images one at a time, then print one JSON
+line for that round. Any other line ends it. Its images start at image FIRST
+(each client gets its own) and number QUERIES in all. The JSON line says
+when the round started and when each answer came (time.monotonic(), the
+same clock in every process of this machine), and how many answers matched
+plaintext Keras's classes on its own images. An answer that reached the wrong client would
+almost always show there.
 """
 from __future__ import annotations
 
@@ -33,14 +35,23 @@ def main(config: str, model_name: str, weights: str, kind: str, first: int, quer
     client.connect_to_model((1, 28, 28, 1), (1, 10), cluster, timeout=600, model_name=model_name)
     client.query_model(x[:1], timeout=600)  # the first query, untimed
     print("ready", flush=True)
-    sys.stdin.readline()
-    started = time.monotonic()
-    logits = np.concatenate([client.query_model(x[i:i + 1], timeout=600) for i in range(queries)])
-    ended = time.monotonic()
-    same = int(np.sum(logits.argmax(1) == expected.argmax(1)))
-    worst = float(np.abs(logits - expected).max())
-    print(json.dumps({"started": started, "ended": ended, "queries": queries, "same_class": same,
-                      "max_logit_diff": worst}), flush=True)
+    done = 0
+    for line in sys.stdin:
+        if not line.strip().isdigit():
+            break
+        count = min(int(line), queries - done)
+        if count < 1:
+            break  # all its images asked: the benchmark sees it end
+        started, answered, logits = time.monotonic(), [], []
+        for i in range(done, done + count):
+            logits.append(client.query_model(x[i:i + 1], timeout=600))
+            answered.append(time.monotonic())
+        logits = np.concatenate(logits)
+        wanted = expected[done:done + count]
+        done += count
+        print(json.dumps({"started": started, "answered": answered, "queries": count,
+                          "same_class": int(np.sum(logits.argmax(1) == wanted.argmax(1))),
+                          "max_logit_diff": float(np.abs(logits - wanted).max())}), flush=True)
     return 0
 
 
