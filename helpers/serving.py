@@ -575,6 +575,7 @@ class SharedModel:
                         continue
                 else:
                     taken = loop.call(lambda: channel.take_tickets(limit), waiting=True)
+                    ch.trace(f"server: took {len(taken)} ticket(s)")
                 clients = [c for c in taken if c]  # empty ids are nudges: they only wake the wait
                 if not clients:
                     if time.monotonic() - self._notes_read_at >= _NOTES_EVERY:
@@ -633,6 +634,7 @@ class SharedModel:
                 taken = loop.call(lambda: self.channel.take_tickets(room - len(more)),
                                   waiting=True)
                 more += [c for c in taken if c]
+                ch.trace(f"server: gathered {len(taken)} more (window {window * 1000:.0f} ms)")
                 if "" in taken or time.monotonic() >= now + window:
                     break  # the window's nudge (or the watcher's) came
         finally:
