@@ -56,7 +56,8 @@ _TRACE = bool(os.environ.get("HELPERS_TRACE"))
 def trace(message: str) -> None:
     """Debug trace of the request protocol (set HELPERS_TRACE=1 to see it)."""
     if _TRACE:
-        print(f"[trace {os.getpid()} {time.monotonic():.4f}] {message}", file=sys.stderr, flush=True)
+        print(f"[trace {os.getpid()} {time.monotonic():.4f}] {message}", file=sys.stderr,
+              flush=True)
 
 
 TICKET_CAPACITY = 1000

@@ -11,9 +11,10 @@ T = TypeVar("T")
 class ServingLoop:
     """The state of one `SharedModel.serve` call, shared by its two threads.
 
-    The helper thread runs ``work(loop)``, which answers requests; the caller's thread watches how long
-    the current call to the workers has been running, and can ask the loop
-    to finish after that call (an interrupt) or give up on it (a stuck worker).
+    The helper thread runs ``work(loop)``, which answers requests; the
+    caller's thread watches how long the current call to the workers has
+    been running, and can ask the loop to finish after that call (an
+    interrupt) or give up on it (a stuck worker).
     A call that waits for tickets is not busy: it may wait as long as no
     request comes. It is woken by a nudge, and it is stuck only if it does not
     return after one.
