@@ -143,6 +143,34 @@ def private_figures(protocol: str, cluster, config: Path, weights: Path, x_all: 
     return result
 
 
+def _end_owner(owner: subprocess.Popen) -> None:
+    """SIGTERM the model owner if it still runs: it stops its workers, then exits."""
+    if owner.poll() is None:
+        owner.terminate()
+        owner.wait(timeout=30)
+
+
+def _wait_for_file(path: Path, owner: subprocess.Popen, timeout: float) -> None:
+    """Wait until ``path`` exists; fail at once if ``owner``, who writes it, has exited."""
+    deadline = time.monotonic() + timeout
+    while not path.exists():
+        if owner.poll() is not None:
+            raise RuntimeError(f"the model owner exited (status {owner.returncode}) "
+                               f"before writing {path.name}")
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"the model owner wrote no {path.name} within {timeout:.0f} s")
+        time.sleep(0.1)
+
+
+def _owner_logs(folder: Path) -> str:
+    """The end of the workers' logs that the model owner left in ``folder``."""
+    try:
+        # The file name is the one scripts/first_answer.py writes.
+        return "The workers' logs end with:\n" + (folder / "worker_logs.txt").read_text()
+    except OSError:
+        return "(the model owner left no worker logs)"
+
+
 def first_answer_figures(weights: Path, x: np.ndarray, protocol: str) -> dict:
     """start() to the first answer as a reader meets it: notebook 02, then 03.
 
@@ -156,18 +184,22 @@ def first_answer_figures(weights: Path, x: np.ndarray, protocol: str) -> dict:
                                   str(folder), str(weights), protocol], cwd=ROOT,
                                  stdout=subprocess.PIPE, text=True)
         try:
+            _wait_for_file(folder / "cluster.json", owner, timeout=300)
             cluster = helpers.TFECluster.load(folder / "cluster.json", timeout=300, verbose=False)
             client = helpers.TFEWorker()
             client.connect_to_model((1, 28, 28, 1), (1, 10), cluster, timeout=300)
             client.query_model(x[:1], timeout=300)
             answered = time.time()
             out, _ = owner.communicate(timeout=120)
+        except Exception as error:
+            _end_owner(owner)
+            raise RuntimeError(f"{protocol}: the first answer failed: {error}\n"
+                               f"{_owner_logs(folder)}") from error
         finally:
-            if owner.poll() is None:
-                owner.terminate()
-                owner.wait(timeout=30)
+            _end_owner(owner)
         if owner.returncode != 0:
-            raise RuntimeError(f"the model owner failed (status {owner.returncode}): {out}")
+            raise RuntimeError(f"the model owner failed (status {owner.returncode}): {out}\n"
+                               f"{_owner_logs(folder)}")
         began = float((folder / "start_time").read_text())
     words = dict(word.split("=") for word in out.split() if "=" in word)
     figures = {"start_to_answer_s": answered - began,

@@ -7,7 +7,8 @@ the trained model already loaded, starts the workers, shares the model and
 serves it. benchmark.py plays notebook 03, already running and waiting for
 FOLDER/cluster.json. Before calling start(), this script writes the wall-clock
 time to FOLDER/start_time, so the benchmark can time start() to the answer
-across the two processes. It serves one request, then stops the workers.
+across the two processes. It serves one request, then stops the workers and
+leaves the end of their logs in FOLDER/worker_logs.txt.
 """
 from __future__ import annotations
 
@@ -17,6 +18,8 @@ from pathlib import Path
 
 import helpers
 from helpers.models import seed_cnn
+
+LOGS_FILE = "worker_logs.txt"
 
 
 def main(folder: Path, weights: str, protocol: str) -> int:
@@ -35,6 +38,9 @@ def main(folder: Path, weights: str, protocol: str) -> int:
         shared.stop()
     finally:
         cluster.stop()
+        # The workers' logs outlive this run only here: the next start's stale
+        # clean-up removes this cluster's folder, and with it any clue to a crash.
+        (folder / LOGS_FILE).write_text(cluster.logs(lines=60))
     print(f"cluster_start_s={cluster_start:.2f} shared_s={shared.share_seconds:.2f} "
           f"served={served}", flush=True)
     return 0 if served == 1 else 1

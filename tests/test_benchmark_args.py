@@ -42,3 +42,13 @@ def test_the_rate_of_clients_at_once_leaves_out_the_ragged_ends():
 def test_a_round_too_short_to_measure_is_an_error():
     with pytest.raises(RuntimeError, match="too short"):
         _benchmark()._all_asking([{"answered": [1.0]}, {"answered": [1.1]}])
+
+
+def test_a_model_owner_that_dies_early_fails_the_first_answer_at_once(tmp_path):
+    wait_for_file = _benchmark()._wait_for_file
+    owner = subprocess.Popen([sys.executable, "-c", "raise SystemExit(3)"])
+    owner.wait(timeout=60)
+    with pytest.raises(RuntimeError, match=r"exited \(status 3\) before writing cluster.json"):
+        wait_for_file(tmp_path / "cluster.json", owner, timeout=300)
+    (tmp_path / "cluster.json").write_text("{}")
+    wait_for_file(tmp_path / "cluster.json", owner, timeout=300)  # there: no error
