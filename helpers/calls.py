@@ -16,6 +16,8 @@ from typing import Callable, Dict, Tuple
 
 import tensorflow as tf
 
+from . import compat
+
 # Set to "0" to call through tf.function as usual (for comparing the two).
 DIRECT_ENV = "TFE_HELPERS_DIRECT_CALLS"
 
@@ -32,6 +34,7 @@ class DirectFunction:
 
     def __init__(self, fn: Callable) -> None:
         self.function = tf.function(fn, autograph=False)
+        compat.traced_once_per_object(self.function)
         self._direct = os.environ.get(DIRECT_ENV, "1") != "0"
         self._traced: Dict[Tuple, tf.types.experimental.ConcreteFunction] = {}
 

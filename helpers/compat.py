@@ -163,6 +163,23 @@ def quiet_disconnect_noise() -> None:
             os.close(fd)
 
 
+def traced_once_per_object(function) -> None:
+    """Keep tf.function's "excessive retracing" warning off ``function``.
+
+    TensorFlow problem: tf.function counts traces by the Python code it
+    wraps, not by tf.function object. Each `helpers.channel.Channel` makes
+    its own tf.functions of the same methods and traces each once, so from
+    the fifth channel in one process (a notebook cell that connects again,
+    the benchmark, a test run) TensorFlow logs a warning that "5 out of the
+    last 5 calls ... triggered tf.function retracing", which is not
+    happening. Only this function's warning is switched off: ``function``
+    is a ``tf.function`` whose every trace is made on purpose.
+    """
+    # The flag TensorFlow itself sets on functions loaded from a SavedModel.
+    if hasattr(function, "_omit_frequent_tracing_warning"):
+        function._omit_frequent_tracing_warning = True
+
+
 # -- import fixes: before TF Encrypted is imported -----------------------------
 
 def _glob_stateful_parallelism() -> None:

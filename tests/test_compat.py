@@ -313,3 +313,43 @@ def test_aby3_softmax_fails_when_traced_without_the_tree_max():
 
 def test_aby3_softmax_matches_plaintext_with_the_tree_max():
     _ok_with_small_error(_run(SOFTMAX_SCRIPT), bound=1e-3)
+
+
+_RETRACING = """
+import logging
+import helpers
+import tensorflow as tf
+from helpers import compat
+from helpers.calls import DirectFunction
+
+lines = []
+class Keep(logging.Handler):
+    def emit(self, record):
+        lines.append(record.getMessage())
+logging.getLogger("tensorflow").addHandler(Keep())
+
+class Owner:  # like a Channel: one traced function of the same method per object
+    def double(self, x):
+        return x * 2
+
+for _ in range(6):
+    made = {make}
+    made(tf.constant(1.0))
+print("warnings:", sum("triggered tf.function retracing" in line for line in lines))
+"""
+
+
+def _retracing_warnings(make: str) -> int:
+    proc = _run(_RETRACING.format(make=make))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return int(proc.stdout.strip().splitlines()[-1].split("warnings:")[1])
+
+
+def test_six_objects_traced_once_each_warn_of_retracing_without_the_fix():
+    assert _retracing_warnings("tf.function(Owner().double, autograph=False)") >= 1
+
+
+def test_six_objects_traced_once_each_do_not_warn_with_the_fix():
+    make = "tf.function(Owner().double, autograph=False); compat.traced_once_per_object(made)"
+    assert _retracing_warnings(make) == 0
+    assert _retracing_warnings("DirectFunction(Owner().double)") == 0
