@@ -4,7 +4,9 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import threading
 from pathlib import Path
+from typing import List
 
 import pytest
 
@@ -73,6 +75,39 @@ def spawn_helpers(*args, env=None) -> subprocess.Popen:
     """Start ``python -m helpers ARGS`` in the background, with piped text output."""
     return subprocess.Popen([sys.executable, "-m", "helpers", *map(str, args)], cwd=ROOT, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def wait_for_line(proc: subprocess.Popen, expected: str, timeout: float = 300.0) -> List[str]:
+    """Read ``proc``'s stdout until a line equals ``expected``; the lines before it.
+
+    Other lines are passed over: a client prints "still waiting for model
+    ..." every 5 s while the server is slow to start. If the line does not
+    come (the process ended, or ``timeout`` s passed), the process is killed
+    first, so that its stderr can be read without waiting on a child that
+    waits for us, and the test fails with what it printed.
+    """
+    seen: List[str] = []
+    found = threading.Event()
+
+    def read() -> None:
+        for line in iter(proc.stdout.readline, ""):
+            if line.strip() == expected:
+                found.set()
+                return
+            seen.append(line.rstrip("\n"))
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    reader.join(timeout)
+    if found.is_set():
+        return seen
+    if proc.poll() is None:
+        proc.kill()
+    proc.wait(timeout=60)
+    reader.join(60)
+    err = proc.stderr.read()[-2000:] if proc.stderr else ""
+    raise AssertionError(f"no line {expected!r} within {timeout:.0f} s (status {proc.returncode})."
+                         f"\nstdout before: {seen[-20:]}\nstderr: {err}")
 
 
 def run_python(code: str, *args, timeout: float = 300, check: bool = True):

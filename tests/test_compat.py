@@ -232,7 +232,7 @@ print("done", flush=True)
 
 
 def _client_outliving_its_workers(tmp_path, seed_weights, mode: str) -> str:
-    from conftest import spawn_helpers
+    from conftest import spawn_helpers, wait_for_line
     from helpers import TFECluster, TFEWorker
 
     config = tmp_path / "cluster.json"
@@ -245,7 +245,7 @@ def _client_outliving_its_workers(tmp_path, seed_weights, mode: str) -> str:
                                   cwd=ROOT, env=env, stdin=subprocess.PIPE,
                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         try:
-            assert client.stdout.readline().strip() == "answered", client.stderr.read()[-2000:]
+            wait_for_line(client, "answered")
             server.communicate(timeout=120)
         finally:
             if server.poll() is None:

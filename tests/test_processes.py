@@ -2,6 +2,8 @@
 import subprocess
 import sys
 
+import pytest
+
 from helpers import processes
 
 
@@ -86,3 +88,32 @@ def test_terminate_escalates_to_sigkill():
     processes.terminate(stubborn.pid, processes.process_start_time(stubborn.pid), grace=0.5,
                         child=stubborn)
     assert stubborn.returncode == -9
+
+
+_WAITS_FOR_GO = ("import sys; print('still waiting ... 5 s', flush=True); print({line!r}, flush=True);"
+                 "sys.stdin.readline()")
+
+
+def _waiting_child(line: str) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-c", _WAITS_FOR_GO.format(line=line)],
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+
+
+def test_the_tests_wait_for_a_line_past_progress_lines():
+    from conftest import wait_for_line
+
+    child = _waiting_child("answered")
+    try:
+        assert wait_for_line(child, "answered", timeout=60) == ["still waiting ... 5 s"]
+    finally:
+        child.communicate("go\n", timeout=60)
+
+
+def test_the_tests_fail_instead_of_hanging_when_the_line_never_comes():
+    from conftest import wait_for_line
+
+    child = _waiting_child("something else")  # then waits on stdin for good
+    with pytest.raises(AssertionError, match="no line 'answered' within 2 s"):
+        wait_for_line(child, "answered", timeout=2)
+    assert child.returncode is not None  # killed, not left waiting
