@@ -1,8 +1,8 @@
 """Which clients are connected to a served model, from the notes they leave.
 
 A client says hello when it connects and goodbye when it disconnects. Both
-notes travel in the channel's public ``acks`` queue, next to the plain
-acknowledgements (a client id alone). They carry a session id of their own:
+notes travel in the channel's public ``notes`` queue. They carry a session id
+of their own:
 it is not the id that names the client's share queues, so a note says
 nothing about which queue belongs to whom. The server only learns how many
 clients are connected, which is what its owner needs in order to stop
@@ -28,20 +28,19 @@ def bye(session: str) -> str:
     return _BYE + session
 
 
-def split_notes(notes: Iterable[str]) -> Tuple[List[str], List[Tuple[str, str]]]:
-    """Split what the ``acks`` queue held: (acknowledged client ids, [(kind, session)]).
+def read_notes(notes: Iterable[str]) -> List[Tuple[str, str]]:
+    """What the ``notes`` queue held, as ``[(kind, session)]``; ``kind`` is "hello" or "bye".
 
-    ``kind`` is "hello" or "bye".
+    Anything else is not a note of ours (an older client's acknowledgement,
+    for one) and is passed over.
     """
-    acks, greetings = [], []
+    greetings = []
     for note in notes:
         if note.startswith(_HELLO):
             greetings.append(("hello", note[len(_HELLO):]))
         elif note.startswith(_BYE):
             greetings.append(("bye", note[len(_BYE):]))
-        else:
-            acks.append(note)
-    return acks, greetings
+    return greetings
 
 
 @dataclass(frozen=True)

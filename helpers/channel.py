@@ -11,12 +11,14 @@ client opens the answer on a worker. This channel fixes both:
 * A request is one call from the client (`Channel.ask`): it puts its input
   shares in its ``in`` queues and its id in the public ``tickets`` queue,
   then waits on its ``out`` queues and adds the answer's shares on its own
-  device. In the same call, once every share of the answer has left its
-  queue, worker 0 puts the client's id in ``acks``, so the server knows the
-  answer was taken before anyone stops the workers.
-  A client also leaves a note there when it connects and when it
-  disconnects (`helpers.attendance`), so the server knows whether anyone is
-  still connected before it stops.
+  device. Before the server stops, it checks that every answered client's
+  ``out`` queues are empty (`uncollected`): the answer has left the workers,
+  so stopping them cannot cut it off. (A client once confirmed each answer
+  in a public queue instead; that cost every request one more operation on
+  worker 0 and a message to it from each other worker.)
+* A client leaves a note in the public ``notes`` queue when it connects and
+  when it disconnects (`helpers.attendance`), so the server knows whether
+  anyone is still connected before it stops.
 * The server waits on ``tickets`` (`Channel.take_tickets`) and takes up to
   as many as it can answer in one private computation. A ticket's shares
   come in the same call as the ticket; the computation waits for them on
@@ -121,7 +123,7 @@ class Channel:
         self.devices = tuple(device_of(party) for party in range(parties_of(protocol)))
         public = self.devices[0]
         self.tickets = SharedQueue(public, f"{self.prefix}/tickets", tf.string, [], TICKET_CAPACITY)
-        self.acks = SharedQueue(public, f"{self.prefix}/acks", tf.string, [], TICKET_CAPACITY)
+        self.notes = SharedQueue(public, f"{self.prefix}/notes", tf.string, [], TICKET_CAPACITY)
         self.ready = _ready_queue(self.prefix)
         # Traced once each (plain graph code, no autograph), then called directly:
         # these calls are made for every request (see `helpers.calls`).
@@ -134,6 +136,7 @@ class Channel:
         self._ask = DirectFunction(self._ask_graph)
         self._release = DirectFunction(self._release_graph)
         self._note = DirectFunction(self._note_graph)
+        self._uncollected = DirectFunction(self._uncollected_graph)
         self._keep = DirectFunction(self._keep_graph)
         self._read_back = DirectFunction(self._read_back_graph)
 
@@ -198,7 +201,7 @@ class Channel:
         with tf.device(self.devices[0]):
             gen_data_flow_ops.queue_enqueue_v2(handle, [tf.constant("")])
 
-    def _ask_graph(self, inputs, outputs, tickets, acks, shares, client_id):
+    def _ask_graph(self, inputs, outputs, tickets, shares, client_id):
         for handle, share, device in zip(inputs, shares, self.devices):
             with tf.device(device):
                 gen_data_flow_ops.queue_enqueue_v2(handle, [share])
@@ -212,19 +215,21 @@ class Channel:
                 share = gen_data_flow_ops.queue_dequeue_v2(handle, component_types=[tf.int64])[0]
                 share.set_shape(self.output_shape)
                 answer.append(share)
-        # The acknowledgement waits for every share of the answer to leave its
-        # worker's queue, not for them to reach this process: worker 0 hears
-        # from the other workers while the shares travel here, so it costs
-        # this call no extra round trip.
-        with tf.device(self.devices[0]), tf.control_dependencies(answer):
-            gen_data_flow_ops.queue_enqueue_v2(acks, [client_id])
         with tf.device(local_device()):
             # The shares meet only here, on this process's own device.
             return tf.add_n(answer)  # int64 addition wraps: mod 2**64
 
-    def _note_graph(self, acks, note):
+    def _note_graph(self, notes, note):
         with tf.device(self.devices[0]):
-            gen_data_flow_ops.queue_enqueue_v2(acks, [note])
+            gen_data_flow_ops.queue_enqueue_v2(notes, [note])
+
+    def _uncollected_graph(self, outputs):
+        sizes = []
+        for handle, device in zip(outputs, self.devices):
+            with tf.device(device):
+                sizes.append(gen_data_flow_ops.queue_size_v2(handle))
+        with tf.device(local_device()):
+            return tf.add_n(sizes)
 
     def _release_graph(self, outputs):
         for handle, device in zip(outputs, self.devices):
@@ -262,7 +267,7 @@ class Channel:
     # -- the exchanges ---------------------------------------------------------
 
     def waiting(self, queue: SharedQueue) -> int:
-        """How many elements wait in a public queue (tickets, acks or ready)."""
+        """How many elements wait in a public queue (tickets, notes or ready)."""
         return int(self._count(queue.handle).numpy())
 
     def announce(self) -> None:
@@ -285,9 +290,9 @@ class Channel:
         """
         self._take_one(self.ready.handle).numpy()
 
-    def take_acks(self) -> List[str]:
-        """Take everything waiting in ``acks``: client ids, and hello and goodbye notes."""
-        return [ack.decode() for ack in self._take_all(self.acks.handle).numpy()]
+    def take_notes(self) -> List[str]:
+        """Take every hello and goodbye note waiting in ``notes``."""
+        return [note.decode() for note in self._take_all(self.notes.handle).numpy()]
 
     def take_tickets(self, limit: int) -> List[str]:
         """Wait for a ticket; return it with any others waiting, ``limit`` in all.
@@ -304,21 +309,23 @@ class Channel:
 
     def ask(self, inputs: Sequence[SharedQueue], outputs: Sequence[SharedQueue],
             shares: Sequence[np.ndarray], client_id: str) -> tf.Tensor:
-        """One request as one call: send the shares and the ticket, wait, acknowledge, add.
+        """One request as one call: send the shares and the ticket, wait, add.
 
         Returns the combined (still encoded) answer, added on this process's
         device. Waits inside TensorFlow until the answer's shares arrive, or
-        until `release` puts placeholders in ``outputs``. The acknowledgement
-        is part of the call: a call of its own cost the client 1.2 ms of CPU
-        per request, which four clients at once took from the workers.
+        until `release` puts placeholders in ``outputs``.
         """
         return self._ask([queue.handle for queue in inputs], [queue.handle for queue in outputs],
-                         self.tickets.handle, self.acks.handle,
-                         [tf.constant(share) for share in shares], tf.constant(client_id))
+                         self.tickets.handle, [tf.constant(share) for share in shares],
+                         tf.constant(client_id))
 
     def leave_note(self, note: str) -> None:
-        """Put a client's hello or goodbye note (see `helpers.attendance`) in ``acks``."""
-        self._note(self.acks.handle, tf.constant(note))
+        """Put a client's hello or goodbye note (see `helpers.attendance`) in ``notes``."""
+        self._note(self.notes.handle, tf.constant(note))
+
+    def uncollected(self, outputs: Sequence[SharedQueue]) -> int:
+        """How many answer shares wait in one client's ``outputs``: 0 once it took its answers."""
+        return int(self._uncollected([queue.handle for queue in outputs]).numpy())
 
     def release(self, outputs: Sequence[SharedQueue]) -> None:
         """End an `ask` that waits on ``outputs``: put an all-zero placeholder in each.

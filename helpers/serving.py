@@ -21,8 +21,8 @@ from .errors import ClusterError, ServingStoppedError, StepTimeoutError, WorkerS
 
 _HEALTH_EVERY = 0.5     # seconds between worker checks while idle
 _NUDGE_AFTER = 1.0      # an idle wait for tickets is woken this often, to look around
-_ACK_BATCH = 32         # collect client acknowledgements in batches of this size
-_ACK_WAIT = 30.0        # how long the last answers may take to reach their clients
+_CHECK_BATCH = 32       # look at answered clients' queues once this many may hold answers
+_COLLECT_WAIT = 30.0    # how long the last answers may take to reach their clients
 _CACHED_CLIENTS = 64    # queue handles kept for the most recent clients
 _RECENT_FOR = 1.0       # a client answered this recently is likely to ask again soon
 _PROTOCOL_TITLES = {"securenn": "SecureNN", "aby3": "ABY3"}
@@ -83,7 +83,8 @@ class SharedModel:
         self.max_requests = max_requests
         self.pass_sizes = pass_sizes(max_requests)
         self._client_queues: dict = {}
-        self._unacknowledged: set = set()
+        self._uncollected: set = set()  # answered clients whose queues may hold an answer
+        self._check_at = _CHECK_BATCH  # look at their queues when that many
         self._recent: dict = {}        # client id -> when it was last answered
         self.attendance = attendance.Attendance()  # who is connected, from their notes
         self._events_watched = 0  # attendance events that watch_clients() has shown
@@ -597,7 +598,7 @@ class SharedModel:
         except tf.errors.OpError as exc:
             self._raise_worker_problem(exc, "while serving")
         if not loop.finishing:
-            self._wait_for_acks(loop)
+            self._wait_for_collection(loop)
 
     def _gather(self, clients: list, limit: int, loop: ServingLoop) -> list:
         """More tickets from clients that asked recently, if they come soon; bounded.
@@ -642,24 +643,37 @@ class SharedModel:
         return more
 
     def _answered(self, clients: list, seconds: float, loop: ServingLoop) -> None:
-        """Count, report and await the acknowledgements of answered requests."""
+        """Count and report answered requests; note their clients for `_wait_for_collection`."""
         ch.trace(f"server: answered {len(clients)}")
         now = time.monotonic()
         for client in clients:
             self._recent[client] = now
         loop.answered += len(clients)
         self.served += len(clients)
-        self._unacknowledged.update(clients)
+        self._uncollected.update(clients)
         if self.verbose and not loop.quiet:
             self._report(len(clients), seconds)
-        if len(self._unacknowledged) >= _ACK_BATCH:
-            self._read_notes(loop)
+        if len(self._uncollected) >= self._check_at:
+            self._forget_collected(loop)
+            # Clients that never take their answers stay; look again only once
+            # as many more have come, so they cost no look per request.
+            self._check_at = max(_CHECK_BATCH, 2 * len(self._uncollected))
+
+    def _forget_collected(self, loop: ServingLoop) -> None:
+        """Drop the answered clients whose answer queues are empty: they took their answers.
+
+        One look per client, only for clients that are new since the last
+        look, so a client that asks again and again costs nothing per request.
+        """
+        for client in list(self._uncollected):
+            outputs = self._queues_of(client)[1]
+            if loop.call(lambda: self.channel.uncollected(outputs)) == 0:
+                self._uncollected.discard(client)
 
     def _read_notes(self, loop: ServingLoop) -> None:
-        """Take the clients' acknowledgements, hellos and goodbyes from the ``acks`` queue."""
-        acks, greetings = attendance.split_notes(loop.call(self.channel.take_acks))
+        """Take the clients' hellos and goodbyes from the ``notes`` queue."""
+        greetings = attendance.read_notes(loop.call(self.channel.take_notes))
         self._notes_read_at = time.monotonic()
-        self._unacknowledged.difference_update(acks)
         self.attendance.record(greetings, self.served)
 
     def _report(self, count: int, seconds: float) -> None:
@@ -679,21 +693,22 @@ class SharedModel:
             self._client_queues.pop(next(iter(self._client_queues)))
         return queues
 
-    def _wait_for_acks(self, loop: ServingLoop) -> None:
-        """Keep the workers needed until every answered client holds its answer."""
-        deadline = time.monotonic() + _ACK_WAIT
+    def _wait_for_collection(self, loop: ServingLoop) -> None:
+        """Keep the workers needed until every answered client has taken its answer."""
+        deadline = time.monotonic() + _COLLECT_WAIT
         try:
             backoff = ch.Backoff(first=0.005, longest=0.1)
-            while self._unacknowledged and time.monotonic() < deadline and not loop.finishing:
-                self._read_notes(loop)
-                if self._unacknowledged:
-                    backoff.pause()
+            while self._uncollected and not loop.finishing:
+                self._forget_collected(loop)
+                if not self._uncollected or time.monotonic() >= deadline:
+                    break
+                backoff.pause()
         except tf.errors.OpError as exc:
             self._raise_worker_problem(exc, "while waiting for clients to collect answers")
-        if self._unacknowledged and self.verbose:
-            print(f"Warning: {len(self._unacknowledged)} answer(s) not collected by their "
-                  f"clients within {_ACK_WAIT:.0f} s.")
-        self._unacknowledged.clear()
+        if self._uncollected and self.verbose:
+            print(f"Warning: {len(self._uncollected)} answer(s) not collected by their "
+                  f"clients within {_COLLECT_WAIT:.0f} s.")
+        self._uncollected.clear()
 
     def _raise_worker_problem(self, exc: Exception, during: str) -> None:
         mpc.raise_for_op_error(self.cluster, exc, during)

@@ -9,13 +9,12 @@ import textwrap
 import pytest
 
 from conftest import LOGIT_TOLERANCE, run_on_fresh_cluster
-from helpers.attendance import Attendance, bye, hello, split_notes
+from helpers.attendance import Attendance, bye, hello, read_notes
 
 
-def test_notes_are_told_apart_from_acknowledgements():
-    acks, greetings = split_notes(["abc", hello("s1"), bye("s1"), "def"])
-    assert acks == ["abc", "def"]
-    assert greetings == [("hello", "s1"), ("bye", "s1")]
+def test_notes_are_read_in_order_and_anything_else_is_passed_over():
+    # "abc" is what an older client left: its acknowledgement, a bare id.
+    assert read_notes(["abc", hello("s1"), bye("s1"), "def"]) == [("hello", "s1"), ("bye", "s1")]
 
 
 def test_attendance_counts_clients_and_ignores_a_hello_after_its_goodbye():

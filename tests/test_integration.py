@@ -206,36 +206,58 @@ def test_an_unanswered_query_times_out_and_its_late_answer_reaches_nobody(tmp_pa
     assert int(private_class) == int(plain_class) != int(first_class)  # its own answer
 
 
-ACKNOWLEDGED = """
+COLLECTED = """
 import sys, threading, time
 import numpy as np, tensorflow as tf
-from helpers import TFECluster, TFEWorker, share
+from helpers import TFECluster, TFEWorker, serving, share
 
+serving._COLLECT_WAIT = 4.0  # instead of 30 s, for the answer nobody takes
 cluster = TFECluster.load(sys.argv[1], timeout=60, verbose=False)
 model = tf.keras.Sequential([tf.keras.layers.Flatten(batch_input_shape=(1, 2, 2, 1)),
                              tf.keras.layers.Dense(3)])
-shared = share(model, cluster, name="acked")
-serving = threading.Thread(target=shared.serve, kwargs=dict(num_requests=1, timeout=120))
-serving.start()
+shared = share(model, cluster, name="collected")
+
+def serve_one():
+    thread = threading.Thread(target=shared.serve, kwargs=dict(num_requests=1, timeout=120))
+    thread.start()
+    return thread
+
+thread = serve_one()
 client = TFEWorker()
-client.connect_to_model((1, 2, 2, 1), (1, 3), cluster, timeout=60, model_name="acked")
+client.connect_to_model((1, 2, 2, 1), (1, 3), cluster, timeout=60, model_name="collected")
 client.query_model(np.full((1, 2, 2, 1), 0.5), timeout=60)
 answered = time.monotonic()
-serving.join(120)
-print("SERVE ENDED AFTER", round(time.monotonic() - answered, 1), flush=True)
+thread.join(120)
+print("TAKEN: SERVE ENDED AFTER", round(time.monotonic() - answered, 1), flush=True)
+
+# A request whose answer nobody takes: its shares and ticket put by hand.
+thread = serve_one()
+channel = shared.channel
+for queue in channel.inputs("nobody"):
+    queue.enqueue(np.zeros((1, 2, 2, 1), dtype=np.int64))
+channel.tickets.enqueue("nobody")
+while channel.uncollected(channel.outputs("nobody")) == 0:
+    time.sleep(0.01)
+answered = time.monotonic()
+thread.join(120)
+print("LEFT: SERVE ENDED AFTER", round(time.monotonic() - answered, 1), flush=True)
 client.disconnect()
 shared.stop(wait_for_clients=0)
 """
 
 
-def test_the_server_learns_from_the_request_call_itself_that_its_answer_was_taken(tmp_path):
-    # serve(num_requests) keeps the workers needed until every answered client
-    # has acknowledged its answer, for up to 30 s. The acknowledgement is part
-    # of the client's one call, so serving ends right after the answer.
+def test_serving_ends_once_its_answers_are_taken_and_waits_for_one_left_behind(tmp_path):
+    # serve(num_requests) keeps the workers needed until every answered
+    # client's answer queues are empty (for 30 s at most; 4 s here), so
+    # stopping the workers cannot cut off an answer on its way.
     from conftest import run_on_fresh_cluster
 
-    proc = run_on_fresh_cluster(ACKNOWLEDGED, tmp_path, timeout=300)
-    ended = [line for line in proc.stdout.splitlines() if line.startswith("SERVE ENDED")]
-    assert ended, proc.stdout + proc.stderr[-2000:]
-    assert float(ended[0].split()[-1]) < 10, ended[0]
-    assert "not collected" not in proc.stdout, proc.stdout
+    proc = run_on_fresh_cluster(COLLECTED, tmp_path, timeout=300)
+    ended = {line.split(":")[0]: float(line.split()[-1]) for line in proc.stdout.splitlines()
+             if "SERVE ENDED" in line}
+    assert set(ended) == {"TAKEN", "LEFT"}, proc.stdout + proc.stderr[-2000:]
+    taken_part, left_part = proc.stdout.split("TAKEN: SERVE ENDED")
+    assert ended["TAKEN"] < 10, proc.stdout
+    assert "not collected" not in taken_part, proc.stdout
+    assert 3.5 <= ended["LEFT"] < 20, proc.stdout
+    assert "1 answer(s) not collected by their clients within 4 s" in left_part, proc.stdout
