@@ -15,6 +15,7 @@ COSTS = textwrap.dedent("""
 
 
 @pytest.mark.integration
+@pytest.mark.slow
 def test_every_layer_is_timed_with_each_protocol_that_serves_it(tmp_path):
     import json
 

@@ -208,6 +208,7 @@ STUCK_SERVER = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow  # waits out STUCK_AFTER (30 s)
 def test_serve_gives_up_on_a_stuck_worker_and_names_it(tmp_path):
     # Like the client's test above: a stopped worker still accepts TCP
     # connections, so only the wait shows it. serve() has no timeout here.
