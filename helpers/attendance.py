@@ -2,9 +2,8 @@
 
 A client says hello when it connects and goodbye when it disconnects. Both
 notes travel in the channel's public ``notes`` queue. They carry a session id
-of their own:
-it is not the id that names the client's share queues, so a note says
-nothing about which queue belongs to whom. The server only learns how many
+of their own, not the id that names the client's share queues, so a note
+says nothing about which queue belongs to whom. The server only learns how many
 clients are connected, which is what its owner needs in order to stop
 serving without cutting anyone off.
 """

@@ -662,8 +662,9 @@ class SharedModel:
     def _forget_collected(self, loop: ServingLoop) -> None:
         """Drop the answered clients whose answer queues are empty: they took their answers.
 
-        One look per client, only for clients that are new since the last
-        look, so a client that asks again and again costs nothing per request.
+        One look per client still noted: those answered since the last look,
+        and any that never took an answer. A client that asks again and again
+        is noted once, so it costs no look per request.
         """
         for client in list(self._uncollected):
             outputs = self._queues_of(client)[1]
