@@ -3,8 +3,8 @@
 A client says hello when it connects and goodbye when it disconnects. Both
 notes travel in the channel's public ``notes`` queue. They carry a session id
 of their own, not the id that names the client's share queues, so a note
-says nothing about which queue belongs to whom. The server only learns how many
-clients are connected, which is what its owner needs in order to stop
+says nothing about which queue belongs to whom. The server only learns how
+many clients are connected, which is what its owner needs in order to stop
 serving without cutting anyone off.
 """
 from __future__ import annotations
@@ -30,8 +30,8 @@ def bye(session: str) -> str:
 def read_notes(notes: Iterable[str]) -> List[Tuple[str, str]]:
     """What the ``notes`` queue held, as ``[(kind, session)]``; ``kind`` is "hello" or "bye".
 
-    Anything else is not a note of ours (an older client's acknowledgement,
-    for one) and is passed over.
+    Anything else is not a note of ours and is passed over: the queue is
+    public, so any connected process can put a string there.
     """
     greetings = []
     for note in notes:

@@ -13,7 +13,7 @@ from helpers.attendance import Attendance, bye, hello, read_notes
 
 
 def test_notes_are_read_in_order_and_anything_else_is_passed_over():
-    # "abc" is what an older client left: its acknowledgement, a bare id.
+    # The queue is public: strings that are no hello or goodbye are not counted.
     assert read_notes(["abc", hello("s1"), bye("s1"), "def"]) == [("hello", "s1"), ("bye", "s1")]
 
 
