@@ -470,11 +470,16 @@ class TFECluster:
             time.sleep(min(0.25, max(0.0, timeout - (now - start))))
 
     def check(self, during: str = "right now") -> None:
-        """Raise `WorkerDownError` naming the first worker that does not answer."""
+        """Raise `WorkerDownError` naming the first worker that does not answer.
+
+        A worker that refuses the connection is down at once; one that stays
+        silent is given a few seconds (`ports.still_answers`), since one lost
+        attempt on a busy machine is not a dead worker.
+        """
         for role, worker in zip(ROLES, self.workers):
             child = self._children.get(role)
             if (child is not None and child.poll() is not None) or \
-                    not ports.answers(*ports.split_host(worker.host), timeout=1.0):
+                    not ports.still_answers(*ports.split_host(worker.host)):
                 raise WorkerDownError(worker.name, worker.host, during)
 
     def status(self) -> List[dict]:

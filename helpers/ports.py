@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import contextlib
 import socket
+import time
 from typing import List
 
 LOOPBACK_NAMES = {"localhost", "127.0.0.1", "::1", "ip6-localhost"}
@@ -67,3 +68,28 @@ def answers(host: str, port: int, timeout: float = 0.5) -> bool:
             return True
     except OSError:
         return False
+
+
+def still_answers(host: str, port: int, patience: float = 6.0) -> bool:
+    """True unless ``host:port`` refuses a connection or stays silent ``patience`` s.
+
+    Where nothing listens, the connection is refused at once, and that is the
+    answer. A silent attempt is not: a worker that listens can still let one
+    attempt time out on a loaded machine (a full accept queue drops the
+    handshake; sandboxed network stacks, such as gVisor's, wait for CPU too).
+    So a silent worker gets longer attempts until ``patience`` runs out.
+    """
+    deadline = time.monotonic() + patience
+    wait = 1.0
+    while True:
+        try:
+            with socket.create_connection((host, port), timeout=wait):
+                return True
+        except ConnectionRefusedError:
+            return False
+        except OSError:  # timed out, or the handshake was lost: try again, longer
+            pass
+        left = deadline - time.monotonic()
+        if left <= 0:
+            return False
+        wait = min(2 * wait, left)

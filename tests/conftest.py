@@ -1,6 +1,8 @@
 """Shared fixtures. Every test run keeps its cluster records in its own folder."""
+import contextlib
 import os
 import shutil
+import socket
 import subprocess
 import sys
 import tempfile
@@ -77,6 +79,38 @@ def spawn_helpers(*args, env=None) -> subprocess.Popen:
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
+@contextlib.contextmanager
+def silent_listener(for_seconds):
+    """A port that listens but lets connection attempts time out, as a worker on
+    a loaded machine can, until it starts accepting ``for_seconds`` s later
+    (None: never). Its accept queue holds one connection, and one is waiting."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        sock.listen(0)
+        port = sock.getsockname()[1]
+        waiting = socket.create_connection(("127.0.0.1", port), timeout=5)
+        stop = threading.Event()
+
+        def accept_later():
+            if for_seconds is None or stop.wait(for_seconds):
+                return
+            sock.settimeout(0.2)
+            while not stop.is_set():
+                try:
+                    sock.accept()[0].close()
+                except OSError:
+                    pass
+
+        acceptor = threading.Thread(target=accept_later, daemon=True)
+        acceptor.start()
+        try:
+            yield port
+        finally:
+            stop.set()
+            acceptor.join(5)
+            waiting.close()
+
+
 def wait_for_line(proc: subprocess.Popen, expected: str, timeout: float = 300.0) -> List[str]:
     """Read ``proc``'s stdout until a line equals ``expected``; the lines before it.
 
@@ -133,6 +167,32 @@ def run_on_fresh_cluster(code: str, folder: Path, *args, timeout: float = 300):
     with TFECluster(TFEWorker(), TFEWorker(), TFEWorker(), verbose=False) as cluster:
         cluster.save(config)
         return run_python(code, config, *args, timeout=timeout)
+
+
+def worker_logs_since(since: float, lines: int = 30) -> str:
+    """The last ``lines`` of every worker log of this run written after ``since``."""
+    parts = []
+    for log in sorted(Path(_home).rglob("server*.log")):
+        try:
+            if log.stat().st_mtime < since:
+                continue
+            tail = log.read_text(errors="replace").splitlines()[-lines:]
+        except OSError:
+            continue
+        parts.append(f"--- {log.parent.name}/{log.name}\n" + "\n".join(tail))
+    return "\n".join(parts)
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    # CI keeps only what the run prints: a failing test shows the logs of the
+    # workers it used, so a worker that died says why.
+    outcome = yield
+    report = outcome.get_result()
+    if report.failed and call.when == "call":
+        logs = worker_logs_since(call.start - 1.0)
+        if logs:
+            report.sections.append(("workers' logs", logs))
 
 
 def pytest_sessionfinish(session, exitstatus):

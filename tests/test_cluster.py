@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from conftest import ROOT, run_helpers
+from conftest import ROOT, run_helpers, silent_listener
 from helpers import PortInUseError, TFECluster, TFEWorker, WorkerDownError, processes
 
 pytestmark = pytest.mark.integration
@@ -49,6 +49,17 @@ def test_context_manager_and_a_killed_worker_is_named():
         with pytest.raises(WorkerDownError, match="bob"):
             cluster.check(during="in this test")
     assert not any(_alive(p) for p in pids.values())
+
+
+def test_check_gives_a_silent_worker_time_before_calling_it_down():
+    # The others listen and accept; one lets its first attempts time out.
+    with socket.socket() as a, socket.socket() as b, silent_listener(for_seconds=1.5) as slow:
+        for sock in (a, b):
+            sock.bind(("127.0.0.1", 0))
+            sock.listen()
+        hosts = [f"localhost:{s.getsockname()[1]}" for s in (a, b)] + [f"localhost:{slow}"]
+        cluster = TFECluster(*(TFEWorker(h, auto_managed=False) for h in hosts), verbose=False)
+        cluster.check(during="in this test")  # no WorkerDownError
 
 
 def test_a_port_in_use_is_refused_by_number():

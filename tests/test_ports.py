@@ -1,7 +1,9 @@
 import socket
+import time
 
 import pytest
 
+from conftest import silent_listener
 from helpers import ports
 
 
@@ -35,3 +37,23 @@ def test_port_in_use_is_detected_and_answers():
 def test_loopback_names():
     assert ports.is_loopback("localhost") and ports.is_loopback("127.0.0.2")
     assert not ports.is_loopback("10.0.0.1")
+
+
+def test_a_port_nobody_listens_on_is_down_at_once():
+    port = ports.free_ports(1)[0]
+    start = time.monotonic()
+    assert not ports.still_answers("localhost", port)
+    assert time.monotonic() - start < 0.9  # refused, not waited for
+
+
+def test_one_silent_attempt_is_not_a_dead_worker():
+    with silent_listener(for_seconds=1.5) as port:
+        assert not ports.answers("localhost", port, timeout=1.0)  # the first attempt times out
+        assert ports.still_answers("localhost", port)
+
+
+def test_a_port_silent_for_good_is_down_after_its_patience():
+    with silent_listener(for_seconds=None) as port:
+        start = time.monotonic()
+        assert not ports.still_answers("localhost", port, patience=2.0)
+        assert time.monotonic() - start >= 2.0
