@@ -10,6 +10,7 @@ an opened input or result.
 from __future__ import annotations
 
 import os
+import queue
 import threading
 import time
 import uuid
@@ -73,6 +74,7 @@ class PrivateClient:
         self.protocol_name = None
         self.channel = None
         self._lock = threading.Lock()  # one request in flight per client
+        self._caller = _Caller()
         self._new_identity()
         self.last_open_device = None
         self._stuck: Optional[str] = None  # set when a call never came back
@@ -161,6 +163,7 @@ class PrivateClient:
         already, there is nobody left to tell.
         """
         channel, self.channel = self.channel, None
+        self._caller.stop()
         if channel is None or self._stuck is not None:
             return
         note = attendance.bye(self._session)
@@ -237,7 +240,7 @@ class PrivateClient:
         step = "waiting for the private prediction"
         ch.trace(f"client {self.client_id}: asking")
         client_id, channel = self.client_id, self.channel
-        asking = _Call(lambda: channel.ask(inputs, outputs, shares, client_id))
+        asking = self._caller.run(lambda: channel.ask(inputs, outputs, shares, client_id))
         try:
             self._watch(asking, outputs, time.monotonic() + timeout, step)
         except BaseException:
@@ -273,13 +276,13 @@ class PrivateClient:
             except Exception:
                 # End the wait, best effort, and give it a moment: a thread still
                 # inside TensorFlow when Python exits can abort the interpreter.
-                _Call(lambda: self.channel.release(outputs))
+                _Call.in_new_thread(lambda: self.channel.release(outputs))
                 asking.done.wait(_RELEASE_WAIT)
                 raise
 
     def _release(self, asking: "_Call", outputs, step: str) -> None:
         """End a request's wait; if even that does not come back, a worker is stuck."""
-        _Call(lambda: self.channel.release(outputs))
+        _Call.in_new_thread(lambda: self.channel.release(outputs))
         if not asking.done.wait(_STUCK_GRACE):
             self._stuck = step
             raise StepTimeoutError(
@@ -290,23 +293,66 @@ class PrivateClient:
 
 
 class _Call:
-    """``fn()`` running in a daemon thread; ``done`` is set when it returns or raises."""
+    """``fn()``, to be run once in another thread; ``done`` is set when it returns or raises."""
 
     def __init__(self, fn: Callable[[], T]) -> None:
         self.value = None
         self.error: Optional[BaseException] = None
         self.done = threading.Event()
         self._fn = fn
-        threading.Thread(target=self._run, name="helpers: call to the workers",
-                         daemon=True).start()
 
-    def _run(self) -> None:
+    @classmethod
+    def in_new_thread(cls, fn: Callable[[], T]) -> "_Call":
+        """Start ``fn()`` in a daemon thread of its own."""
+        call = cls(fn)
+        threading.Thread(target=call.run, name="helpers: call to the workers",
+                         daemon=True).start()
+        return call
+
+    def run(self) -> None:
         try:
             self.value = self._fn()
         except BaseException as exc:  # handed to the waiting thread
             self.error = exc
         finally:
             self.done.set()
+
+
+class _Caller:
+    """One waiting daemon thread that makes a client's requests, one at a time.
+
+    Starting a thread for every request cost 0.6 ms on an idle machine and
+    about 1.6 ms in a client with TensorFlow's threads running; handing a
+    call to a thread that waits takes microseconds. A call that has not come
+    back (a stuck worker) keeps its thread: the next call gets a new thread,
+    and the old one ends once its call returns.
+    """
+
+    def __init__(self) -> None:
+        self._jobs: Optional[queue.SimpleQueue] = None
+        self._last: Optional[_Call] = None
+
+    def run(self, fn: Callable[[], T]) -> _Call:
+        """Start ``fn()`` on the waiting thread; the caller waits on the `_Call`."""
+        if self._jobs is None or (self._last is not None and not self._last.done.is_set()):
+            self.stop()
+            self._jobs = queue.SimpleQueue()
+            threading.Thread(target=self._take_calls, args=(self._jobs,),
+                             name="helpers: calls to the workers", daemon=True).start()
+        self._last = call = _Call(fn)
+        self._jobs.put(call)
+        return call
+
+    def stop(self) -> None:
+        """Let the thread end (after the call it is making, if any)."""
+        if self._jobs is not None:
+            self._jobs.put(None)
+            self._jobs = None
+
+    @staticmethod
+    def _take_calls(jobs: queue.SimpleQueue) -> None:
+        while (call := jobs.get()) is not None:
+            call.run()
 
 
 @dataclass
