@@ -208,10 +208,13 @@ class Channel:
         # The ticket does not wait for the shares: the server's computation
         # waits for them on each worker, while the ticket reaches the server.
         with tf.device(self.devices[0]):
-            ticket = gen_data_flow_ops.queue_enqueue_v2(tickets, [client_id])
+            gen_data_flow_ops.queue_enqueue_v2(tickets, [client_id])
         answer = []
         for handle, device in zip(outputs, self.devices):
-            with tf.control_dependencies([ticket]), tf.device(device):
+            # Nor does a wait for an answer share wait for the ticket: only the
+            # server fills these queues, after this request's computation. An
+            # order across workers would cost a message between them per request.
+            with tf.device(device):
                 share = gen_data_flow_ops.queue_dequeue_v2(handle, component_types=[tf.int64])[0]
                 share.set_shape(self.output_shape)
                 answer.append(share)
