@@ -39,22 +39,25 @@ class DirectFunction:
         self._traced: Dict[Tuple, tf.types.experimental.ConcreteFunction] = {}
 
     def __call__(self, *args):
-        if not self._direct:
-            return self.function(*args)
         flat = tf.nest.flatten(args)
         key = _signature(args)
         concrete = self._traced.get(key)
         if concrete is None:
-            # The first call of a signature goes through tf.function, which
-            # traces and runs it: tracing with get_concrete_function and then
-            # calling took about 1 s more of sharing an ABY3 model (measured
-            # side by side). The trace is then looked up, not made again.
-            result = self.function(*args)
-            self._traced[key] = self.function.get_concrete_function(*args)
+            # Traced first, outside the gate (tracing runs nothing on the
+            # workers and can take seconds); then the first call, through
+            # tf.function, which finds that trace, instantiates it on the
+            # workers and runs it.
+            traced = self.function.get_concrete_function(*args)
+            with compat.function_table.call(first=True):
+                result = self.function(*args)
+            self._traced[key] = traced
             return result
-        # The traced function's own inputs are the arguments, then whatever
-        # it captured (the shared model's variables, for a private pass).
-        return concrete.inference_fn.call_preflattened(flat + concrete.captured_inputs)
+        with compat.function_table.call(first=False):
+            if not self._direct:
+                return self.function(*args)
+            # The traced function's own inputs are the arguments, then whatever
+            # it captured (the shared model's variables, for a private pass).
+            return concrete.inference_fn.call_preflattened(flat + concrete.captured_inputs)
 
 
 def _signature(value) -> Tuple:

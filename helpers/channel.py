@@ -397,8 +397,7 @@ def _count_each_graph(handles):
 
 def served_protocols(ready: Sequence[SharedQueue]) -> List[str]:
     """The protocols under which the model of these `ready_queues` is served now."""
-    count_each = per_connection(
-        "channel.count_each", lambda: tf.function(_count_each_graph, autograph=False))
+    count_each = per_connection("channel.count_each", lambda: DirectFunction(_count_each_graph))
     counts = count_each([queue.handle for queue in ready]).numpy()
     return [protocol for protocol, count in zip(PROTOCOLS, counts) if count > 0]
 

@@ -18,6 +18,8 @@ import importlib
 import logging
 import os
 import sys
+import threading
+import time
 import types
 import warnings
 from contextlib import contextmanager
@@ -178,6 +180,87 @@ def traced_once_per_object(function) -> None:
     # The flag TensorFlow itself sets on functions loaded from a SavedModel.
     if hasattr(function, "_omit_frequent_tracing_warning"):
         function._omit_frequent_tracing_warning = True
+
+
+# The gate below: "0" lets every call through at once (tests only, to show
+# the overlaps it prevents).
+FUNCTION_GATE_ENV = "TFE_HELPERS_FUNCTION_GATE"
+
+
+class FunctionTableGate:
+    """Keep a traced function's first call apart from the start of any other.
+
+    TensorFlow bug (2.21, eager/cluster_function_library_runtime.cc): this
+    process keeps one record per remote piece of every traced function in a
+    ``std::vector``. A first call adds records (``emplace_back``, under a
+    lock); every call looks up its records' address under that lock, then
+    reads them without it while it builds its requests. When an addition
+    makes the vector grow, a call starting in another thread reads freed
+    memory: the worker then gets a request it cannot parse ("Unable to parse
+    request"; the log says "String field 'tensorflow.eager.Operation.device'
+    contains invalid UTF-8 data"), or this process crashes. It happened in
+    CI when a served model was announced while a client in the same process
+    connected, and when three workers were probed at once.
+
+    So a first call (which adds the records) waits until no other call is
+    starting, and no call starts while a first call runs. Both reads and
+    additions happen at the start of a call, so a call that has run for
+    `settled` seconds is waiting on the workers, past that point: it holds
+    no one up any more. No wait here lasts longer than that.
+    """
+
+    def __init__(self, settled: float = 2.0) -> None:
+        self.settled = settled
+        self.enabled = os.environ.get(FUNCTION_GATE_ENV, "1") != "0"
+        self._cond = threading.Condition()
+        self._running: dict = {}  # token -> (start, is a first call)
+        self._first_waiting = 0
+        self.record: List[Tuple[float, float, bool]] = []  # (start, end, first) if `recording`
+        self.recording = False
+
+    def _wait_for(self, now: float, first: bool) -> float:
+        """Seconds this call should still wait, at most (0: it may start now)."""
+        if not first and self._first_waiting:
+            return self.settled  # woken when that first call starts or gives up
+        return max((start + self.settled - now for start, was_first in self._running.values()
+                    if (first or was_first) and now - start < self.settled), default=0.0)
+
+    @contextmanager
+    def call(self, first: bool) -> Iterator[None]:
+        """Around one call of a traced function that runs on the workers.
+
+        ``first``: the call that instantiates it (its first call). It waits
+        until no call is starting; other calls wait while it starts.
+        """
+        token = object()
+        with self._cond:
+            if self.enabled:
+                self._first_waiting += first
+                try:
+                    deadline = time.monotonic() + 2 * self.settled
+                    while True:
+                        now = time.monotonic()
+                        left = min(self._wait_for(now, first), deadline - now)
+                        if left <= 0:
+                            break
+                        self._cond.wait(left)
+                finally:
+                    self._first_waiting -= first
+            start = time.monotonic()
+            self._running[token] = (start, first)
+            if first:
+                self._cond.notify_all()  # calls waiting for it to start now wait for it to settle
+        try:
+            yield
+        finally:
+            with self._cond:
+                del self._running[token]
+                if self.recording:
+                    self.record.append((start, time.monotonic(), first))
+                self._cond.notify_all()
+
+
+function_table = FunctionTableGate()
 
 
 # -- import fixes: before TF Encrypted is imported -----------------------------

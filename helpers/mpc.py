@@ -193,13 +193,17 @@ def _connect_to(hostmap: dict, timeout: float, during: str) -> None:
                 raise
 
 
-def _probe_graph(party: int, value):
+def _probe(party: int) -> int:
+    """Have worker ``party`` add 1 to its own number and return the sum here.
+
+    Plain eager ops, not a traced function: a first call of a traced function
+    waits for other calls to start (`compat.FunctionTableGate`), and probes
+    run while other calls may be stuck. The worker itself computes the sum
+    (its input comes from here), so only a worker that responds passes.
+    """
     with tf.device(device_of(party)):
-        # From an argument, so it cannot be folded into a constant here:
-        # the worker itself must compute it.
-        answer = value + 1
-    with tf.device(local_device()):
-        return tf.identity(answer)
+        answer = tf.constant(party) + 1
+    return int(answer.numpy())
 
 
 def unresponsive_workers(cluster, wait: float = 5.0) -> List[str]:
@@ -212,12 +216,9 @@ def unresponsive_workers(cluster, wait: float = 5.0) -> List[str]:
     results: dict = {}
 
     def probe(party: int) -> None:
-        traced = per_connection(f"mpc.probe.{party}", lambda: tf.function(
-            lambda value: _probe_graph(party, value), autograph=False))
         try:
-            call_with_timeout(lambda: traced(tf.constant(party)).numpy(), wait,
-                              f"probing worker {party}")
-            results[party] = True
+            answer = call_with_timeout(lambda: _probe(party), wait, f"probing worker {party}")
+            results[party] = answer == party + 1
         except Exception:
             results[party] = False
 

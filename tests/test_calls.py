@@ -55,12 +55,37 @@ def test_random_ops_run_again_on_every_call():
     assert not np.array_equal(first, second)
 
 
+def test_only_the_first_call_of_a_signature_goes_through_tf_function():
+    direct = calls.DirectFunction(_body)
+    direct.function = _CountedCalls(direct.function)
+    for _ in range(3):
+        direct(*_args())
+    assert direct.function.calls == 1
+
+
 def test_switched_off_it_calls_through_tf_function(monkeypatch):
     monkeypatch.setenv(calls.DIRECT_ENV, "0")
     direct = calls.DirectFunction(_body)
-    got, _ = direct(*_args())
-    assert not direct._traced  # nothing traced by DirectFunction itself
+    direct.function = _CountedCalls(direct.function)
+    for _ in range(3):
+        got, _ = direct(*_args())
+    assert direct.function.calls == 3  # switched on, only the first call goes through it
     np.testing.assert_array_equal(got.numpy(), tf.function(_body)(*_args())[0].numpy())
+
+
+class _CountedCalls:
+    """A tf.function that counts how often it is called."""
+
+    def __init__(self, function) -> None:
+        self.function = function
+        self.calls = 0
+
+    def __call__(self, *args):
+        self.calls += 1
+        return self.function(*args)
+
+    def get_concrete_function(self, *args):
+        return self.function.get_concrete_function(*args)
 
 
 ABY3_DIRECT_MASKS = """

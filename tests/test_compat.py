@@ -353,3 +353,71 @@ def test_six_objects_traced_once_each_do_not_warn_with_the_fix():
     make = "tf.function(Owner().double, autograph=False); compat.traced_once_per_object(made)"
     assert _retracing_warnings(make) == 0
     assert _retracing_warnings("DirectFunction(Owner().double)") == 0
+
+
+# Threads that run traced functions on the workers while this process traces
+# and first-calls new ones: as a served model's loop, a nudge and a client
+# connecting in the same process do. The gate records each call; the script
+# prints how often a first call overlapped the start of another, which is when
+# TensorFlow reads the table of remote functions while it grows.
+FIRST_CALLS_WHILE_OTHERS_RUN = """
+import sys, threading
+import numpy as np
+import helpers
+import tensorflow as tf
+from helpers import TFECluster, channel, compat, mpc
+from helpers.calls import DirectFunction
+
+cluster = TFECluster.load(sys.argv[1], timeout=60, verbose=False)
+mpc.connect(cluster, 60, during="testing")
+queue = channel.SharedQueue(mpc.device_of(0), "gate-test/queue", tf.string, [], 4)
+busy = channel.Channel("securenn", "gate-test", (1, 4), (1, 2))
+busy.waiting(queue)
+compat.function_table.recording = True
+stop = threading.Event()
+
+def keep_calling():
+    while not stop.is_set():
+        busy.waiting(queue)
+
+threads = [threading.Thread(target=keep_calling) for _ in range(2)]
+for thread in threads:
+    thread.start()
+for number in range(4):  # new channels: each exchange is a first call again
+    channel.Channel("securenn", f"gate-test-{number}", (1, 4), (1, 2)).waiting(queue)
+stop.set()
+for thread in threads:
+    thread.join()
+
+settled = compat.function_table.settled
+young = [(start, min(end, start + settled), first)
+         for start, end, first in compat.function_table.record]
+firsts = [call for call in young if call[2]]
+overlaps = sum(1 for f in firsts for other in young
+               if other is not f and other[0] < f[1] and f[0] < other[1])
+print("FIRST", len(firsts), "OTHERS", len(young) - len(firsts), "OVERLAPS", overlaps)
+mpc.disconnect()
+"""
+
+
+def _first_call_overlaps(tmp_path, monkeypatch, gate: str) -> tuple:
+    from conftest import run_on_fresh_cluster
+
+    monkeypatch.setenv(compat.FUNCTION_GATE_ENV, gate)
+    proc = run_on_fresh_cluster(FIRST_CALLS_WHILE_OTHERS_RUN, tmp_path, timeout=300)
+    line = [line for line in proc.stdout.splitlines() if line.startswith("FIRST")][-1].split()
+    return int(line[1]), int(line[3]), int(line[5])
+
+
+@pytest.mark.integration
+def test_first_calls_overlap_the_start_of_other_calls_without_the_gate(tmp_path, monkeypatch):
+    firsts, others, overlaps = _first_call_overlaps(tmp_path, monkeypatch, "0")
+    assert firsts == 4 and others > 20
+    assert overlaps >= firsts  # every first call ran while other calls were starting
+
+
+@pytest.mark.integration
+def test_no_first_call_overlaps_the_start_of_another_with_the_gate(tmp_path, monkeypatch):
+    firsts, others, overlaps = _first_call_overlaps(tmp_path, monkeypatch, "1")
+    assert firsts == 4 and others > 20
+    assert overlaps == 0
