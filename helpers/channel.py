@@ -43,6 +43,7 @@ from __future__ import annotations
 import os
 import sys
 import time
+import uuid
 from typing import List, Sequence, Tuple
 
 import numpy as np
@@ -309,6 +310,20 @@ class Channel:
     def nudge(self) -> None:
         """Wake a `take_tickets` call that waits (from another thread or process)."""
         self._nudge(self.tickets.handle)
+
+    def warm_up_waiting(self) -> None:
+        """Make the first calls of `nudge` and `take_tickets` now, on a private ticket queue.
+
+        A first call waits until no other call of this process is starting
+        (`helpers.compat.FunctionTableGate`). Made while serving, the first
+        nudge would wait for the very wait for tickets it is meant to wake.
+        """
+        own = SharedQueue(self.devices[0], f"{self.prefix}/warm-up-{uuid.uuid4().hex}",
+                          tf.string, [], 1)
+        self._nudge(own.handle)
+        taken = self._take_tickets(own.handle, tf.constant(1, tf.int32)).numpy()
+        if list(taken) != [b""]:
+            raise RuntimeError(f"a private ticket queue gave {list(taken)!r}, not one nudge")
 
     def ask(self, inputs: Sequence[SharedQueue], outputs: Sequence[SharedQueue],
             shares: Sequence[np.ndarray], client_id: str) -> tf.Tensor:

@@ -206,7 +206,8 @@ class FunctionTableGate:
     starting, and no call starts while a first call runs. Both reads and
     additions happen at the start of a call, so a call that has run for
     `settled` seconds is waiting on the workers, past that point: it holds
-    no one up any more. No wait here lasts longer than that.
+    no one up any more. No call waits here longer than twice that: a
+    gate that might hang would be worse than the rare race it prevents.
     """
 
     def __init__(self, settled: float = 2.0) -> None:
@@ -221,7 +222,7 @@ class FunctionTableGate:
     def _wait_for(self, now: float, first: bool) -> float:
         """Seconds this call should still wait, at most (0: it may start now)."""
         if not first and self._first_waiting:
-            return self.settled  # woken when that first call starts or gives up
+            return self.settled  # woken as soon as that first call starts
         return max((start + self.settled - now for start, was_first in self._running.values()
                     if (first or was_first) and now - start < self.settled), default=0.0)
 

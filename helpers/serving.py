@@ -112,6 +112,10 @@ class SharedModel:
         for size in self.pass_sizes:
             mpc.call_with_timeout(lambda: self._warm_up(size), timeout,
                                   "preparing the private computation")
+        # The first calls of the wait for tickets and of its nudge, too, before
+        # anyone can be waiting on them.
+        mpc.call_with_timeout(self.channel.warm_up_waiting, timeout,
+                              "preparing the private computation")
         self.share_seconds = time.monotonic() - start
         if verbose:
             together = ("" if max_requests == 1 else

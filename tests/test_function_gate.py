@@ -5,6 +5,8 @@ show the gate's own rules with plain threads (no TensorFlow calls).
 """
 import threading
 
+import pytest
+
 from helpers.compat import FunctionTableGate
 
 WAIT = 10.0  # generous: only a broken gate makes any of these waits run out
@@ -29,26 +31,18 @@ class Holder:
         self.thread.join(WAIT)
 
 
-def test_a_first_call_waits_until_a_starting_call_is_done():
+@pytest.mark.parametrize("running_first, coming_first", [(False, True), (True, False)],
+                         ids=["a first call waits for a starting call",
+                              "a call waits for a starting first call"])
+def test_a_first_call_never_starts_beside_another(running_first, coming_first):
     gate = FunctionTableGate(settled=60.0)
-    running = Holder(gate, first=False)
+    running = Holder(gate, first=running_first)
     assert running.entered.wait(WAIT)
-    first = Holder(gate, first=True)
-    assert not first.entered.wait(0.3)
+    coming = Holder(gate, first=coming_first)
+    assert not coming.entered.wait(0.3)
     running.release()
-    assert first.entered.wait(WAIT)
-    first.release()
-
-
-def test_a_call_waits_while_a_first_call_starts():
-    gate = FunctionTableGate(settled=60.0)
-    first = Holder(gate, first=True)
-    assert first.entered.wait(WAIT)
-    other = Holder(gate, first=False)
-    assert not other.entered.wait(0.3)
-    first.release()
-    assert other.entered.wait(WAIT)
-    other.release()
+    assert coming.entered.wait(WAIT)
+    coming.release()
 
 
 def test_calls_that_are_not_first_calls_run_together():
@@ -75,29 +69,20 @@ def test_a_waiting_first_call_goes_before_calls_that_come_after_it():
     later.release()
 
 
-def test_a_call_that_has_run_its_settled_time_holds_no_one_up():
-    # A call stuck on a stopped worker must not stop every later first call.
+# A call stuck on a stopped worker must not stop every later first call; a
+# client's first request waits for its answer, which may need a call of a
+# server in the same process.
+@pytest.mark.parametrize("running_first, coming_first", [(False, True), (True, False)],
+                         ids=["a stuck call", "a first call that waits on the workers"])
+def test_a_call_that_has_run_its_settled_time_holds_no_one_up(running_first, coming_first):
     gate = FunctionTableGate(settled=0.3)
-    stuck = Holder(gate, first=False)
-    assert stuck.entered.wait(WAIT)
-    first = Holder(gate, first=True)
-    assert first.entered.wait(WAIT)
-    assert stuck.thread.is_alive()
-    first.release()
-    stuck.release()
-
-
-def test_a_first_call_that_waits_on_the_workers_holds_others_up_only_until_settled():
-    # A client's first request waits for its answer, which may need a call
-    # of the server in the same process.
-    gate = FunctionTableGate(settled=0.3)
-    first = Holder(gate, first=True)
-    assert first.entered.wait(WAIT)
-    other = Holder(gate, first=False)
-    assert other.entered.wait(WAIT)
-    assert first.thread.is_alive()
-    other.release()
-    first.release()
+    running = Holder(gate, first=running_first)
+    assert running.entered.wait(WAIT)
+    coming = Holder(gate, first=coming_first)
+    assert coming.entered.wait(WAIT)
+    assert running.thread.is_alive()  # it never left the gate
+    coming.release()
+    running.release()
 
 
 def test_switched_off_it_lets_a_first_call_start_beside_another(monkeypatch):
