@@ -151,6 +151,9 @@ class PrivateClient:
         self.channel = ch.Channel(self.protocol_name, self.model_name, self.input_shape,
                                   self.output_shape)
         self._scaling = float(self.protocol.fixedpoint_config.scaling_factor)
+        # The first request's calls, made now on private queues, so the first
+        # query holds no one up while it waits (see Channel.warm_up_asking).
+        self.channel.warm_up_asking()
         # Tell the server that someone is connected, so its owner does not
         # stop serving under us. Its own id: the note must not name our queues.
         self._session = uuid.uuid4().hex

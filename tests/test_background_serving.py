@@ -30,7 +30,7 @@ def test_attendance_counts_clients_and_ignores_a_hello_after_its_goodbye():
 BACKGROUND = textwrap.dedent("""
     import sys, threading, time
     import numpy as np
-    from helpers import TFECluster, TFEWorker, load_mnist, share
+    from helpers import TFECluster, TFEWorker, compat, load_mnist, share
     from helpers.models import as_model_input, plaintext_logits, seed_cnn
 
     weights = sys.argv[2]
@@ -55,8 +55,15 @@ BACKGROUND = textwrap.dedent("""
     a, b = TFEWorker(), TFEWorker()
     a.connect_to_model((1, 28, 28, 1), (1, 10), cluster, timeout=60)
     b.connect_to_model((1, 28, 28, 1), (1, 10), cluster, timeout=60)
+    # Connecting made the first calls of a request (Channel.warm_up_asking): a
+    # first query that waited for its answer in a first call would hold up the
+    # server's calls in this process.
+    compat.function_table.recording = True
     for i in range(2):
         check(i, a.query_model(images[i:i + 1], timeout=60))
+    compat.function_table.recording = False
+    print("FIRST CALLS WHILE QUERYING", sum(first for _, _, first in compat.function_table.record),
+          flush=True)
     deadline = time.monotonic() + 30
     # The server counts an answer once its own call returns, which can be a
     # moment after the client holds it; and it reads the hellos while idle.
@@ -103,6 +110,7 @@ def test_serving_in_the_background_answers_until_stopped_and_waits_for_clients(t
     out = proc.stdout
     assert "RETURNED AT ONCE True" in out, out + proc.stderr[-3000:]
     assert "FIRST CALLS MADE True True" in out
+    assert "FIRST CALLS WHILE QUERYING 0" in out, out
     assert "Serving in the background until stop() is called." in out
     assert "STATUS serving in the background: 2 request(s) answered; 2 client(s) connected now" \
         in out, out
