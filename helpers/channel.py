@@ -44,7 +44,7 @@ import os
 import sys
 import time
 import uuid
-from typing import List, Sequence, Tuple
+from typing import List, Optional, Sequence, Tuple
 
 import numpy as np
 import tensorflow as tf
@@ -318,8 +318,7 @@ class Channel:
         (`helpers.compat.FunctionTableGate`). Made while serving, the first
         nudge would wait for the very wait for tickets it is meant to wake.
         """
-        own = SharedQueue(self.devices[0], f"{self.prefix}/warm-up-{uuid.uuid4().hex}",
-                          tf.string, [], 1)
+        own = self.private_tickets(f"warm-up-{uuid.uuid4().hex}")
         self._nudge(own.handle)
         taken = self._take_tickets(own.handle, tf.constant(1, tf.int32)).numpy()
         if list(taken) != [b""]:
@@ -338,28 +337,36 @@ class Channel:
         """
         own = f"warm-up-{uuid.uuid4().hex}"
         inputs, outputs = self.inputs(own), self.outputs(own)
-        tickets = SharedQueue(self.devices[0], f"{self.prefix}/{own}/tickets", tf.string, [], 1)
+        tickets = self.private_tickets(own)
         self.release(outputs)
-        zeros = [tf.zeros(self.input_shape, tf.int64) for _ in inputs]
-        answer = self._ask([queue.handle for queue in inputs],
-                           [queue.handle for queue in outputs], tickets.handle, zeros,
-                           tf.constant(own)).numpy()
+        zeros = [np.zeros(self.input_shape, np.int64) for _ in inputs]
+        answer = self.ask(inputs, outputs, zeros, own, tickets=tickets).numpy()
         _, found = self._read_back([queue.handle for queue in inputs])
         ticket = self._take_tickets(tickets.handle, tf.constant(1, tf.int32)).numpy()
         if answer.any() or not bool(found.numpy()) or list(ticket) != [own.encode()]:
             raise RuntimeError("a warm-up request on private queues did not come back as sent")
 
     def ask(self, inputs: Sequence[SharedQueue], outputs: Sequence[SharedQueue],
-            shares: Sequence[np.ndarray], client_id: str) -> tf.Tensor:
+            shares: Sequence[np.ndarray], client_id: str,
+            tickets: Optional[SharedQueue] = None) -> tf.Tensor:
         """One request as one call: send the shares and the ticket, wait, add.
 
         Returns the combined (still encoded) answer, added on this process's
         device. Waits inside TensorFlow until the answer's shares arrive, or
-        until `release` puts placeholders in ``outputs``.
+        until `release` puts placeholders in ``outputs``. The ticket goes to
+        the public ``tickets`` queue unless ``tickets`` names a private one.
         """
+        tickets = self.tickets if tickets is None else tickets
         return self._ask([queue.handle for queue in inputs], [queue.handle for queue in outputs],
-                         self.tickets.handle, [tf.constant(share) for share in shares],
+                         tickets.handle, [tf.constant(share) for share in shares],
                          tf.constant(client_id))
+
+    def private_tickets(self, owner: str) -> SharedQueue:
+        """A ticket queue of one's own on worker 0, for one ticket: for warm-up calls.
+
+        Calls made on it wake no server and are taken by no one else.
+        """
+        return SharedQueue(self.devices[0], f"{self.prefix}/{owner}/tickets", tf.string, [], 1)
 
     def leave_note(self, note: str) -> None:
         """Put a client's hello or goodbye note (see `helpers.attendance`) in ``notes``."""

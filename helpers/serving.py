@@ -264,8 +264,7 @@ class SharedModel:
     def _warm_up_expect(self) -> None:
         """Run `_expect_graph` once on an all-zero request with a private ticket queue."""
         own = f"warm-up-{uuid.uuid4().hex}"
-        tickets = ch.SharedQueue(self.channel.devices[0], f"{self.channel.prefix}/{own}",
-                                 tf.string, [], 1)
+        tickets = self.channel.private_tickets(own)
         inputs, outputs = self.channel.inputs(own), self.channel.outputs(own)
         for queue in inputs:
             queue.enqueue(np.zeros(self.input_shape, dtype=np.int64))
