@@ -117,3 +117,14 @@ def test_the_tests_fail_instead_of_hanging_when_the_line_never_comes():
     with pytest.raises(AssertionError, match="no line 'answered' within 2 s"):
         wait_for_line(child, "answered", timeout=2)
     assert child.returncode is not None  # killed, not left waiting
+
+
+def test_launched_workers_share_the_cores_unless_the_user_chose(monkeypatch):
+    monkeypatch.delenv(processes.INTRA_OP_THREADS_ENV, raising=False)
+    monkeypatch.setattr(processes.os, "sched_getaffinity", lambda pid: set(range(8)))
+    assert processes.intra_op_threads() == 2
+    monkeypatch.setattr(processes.os, "sched_getaffinity", lambda pid: {0, 1})
+    assert processes.intra_op_threads() == 1
+    assert processes.worker_environment()[processes.INTRA_OP_THREADS_ENV] == "1"
+    monkeypatch.setenv(processes.INTRA_OP_THREADS_ENV, "3")
+    assert processes.worker_environment()[processes.INTRA_OP_THREADS_ENV] == "3"
