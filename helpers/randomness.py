@@ -58,6 +58,19 @@ class OpRandomness:
     def secure_random_uniform(self, shape, minval, maxval, name=None):
         return self._lib.helpers_random_uniform(shape, minval, maxval, name=name)
 
+    def derive_seed(self, key, nonce, use):
+        """A 256-bit seed from a 256-bit ``key``, a 96-bit ``nonce`` and a 32-bit ``use``.
+
+        The first half of ChaCha20's block number ``use`` under that key and
+        nonce: a pseudo-random function of all three, so seeds for different
+        nonces or uses are independent, and the key cannot be recovered from them.
+        """
+        import tensorflow as tf
+
+        block = self._lib.helpers_cha_cha20_block(key, use, nonce)
+        return tf.reshape(tf.bitcast(tf.reshape(block[:4 * SEED_WORDS], [SEED_WORDS, 4]),
+                                     tf.int32), [SEED_WORDS])
+
 
 class FallbackRandomness:
     """TensorFlow's generators, seeded by the operating system: weaker, said loudly."""
@@ -111,6 +124,18 @@ class FallbackRandomness:
 
         minval, maxval = tf.convert_to_tensor(minval), tf.convert_to_tensor(maxval)
         return self._os_seeded(shape, minval, maxval, minval.dtype)
+
+    def derive_seed(self, key, nonce, use):
+        """`OpRandomness.derive_seed` with Philox: every word folded in, 64-bit strength at best."""
+        import tensorflow as tf
+
+        words = tf.concat([tf.cast(key, tf.int32), tf.cast(nonce, tf.int32),
+                           tf.reshape(tf.cast(use, tf.int32), [1])], axis=0)
+        folded = tf.cast(words[:2], tf.int64)
+        for i in range(2, SEED_WORDS + 4):
+            folded = tf.random.experimental.stateless_fold_in(folded, words[i])
+        return tf.random.stateless_uniform([SEED_WORDS], folded, minval=tf.int32.min,
+                                           maxval=tf.int32.max, dtype=tf.int32)
 
 
 def _load():
