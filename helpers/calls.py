@@ -3,8 +3,8 @@
 A ``tf.function`` call binds its arguments to its signature and looks up
 the matching trace every time: 0.4 to 0.6 ms of Python per call on this
 project's 2-core benchmark machine. The calls that every private request
-makes (a client's `Channel.ask`, the server's wait for tickets and its
-private computation) take the same kinds of arguments each time; only the
+makes (a client's pads, the server's private computation) take the same
+kinds of arguments each time; only the
 values change. `DirectFunction` traces once per argument signature and
 then hands the flat list of tensors straight to the traced function,
 skipping that work. On two cores, the CPU saved goes to the workers.

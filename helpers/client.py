@@ -1,16 +1,17 @@
-"""The private-prediction client: share an input, send shares, open the answer here.
+"""The private-prediction client: share an input, send it padded, open the answer here.
 
 The input is encoded as fixed-point numbers in the 64-bit ring that both
-protocols use, split into additive shares with the operating system's secure
-random generator (two for SecureNN, three for ABY3), and each share goes to
-one worker. The answer comes back as shares that are added together on this
-process's own device (see `Channel.receive_answer`), so no worker ever holds
-an opened input or result.
+protocols use, and split into additive shares (two for SecureNN, three for
+ABY3). Every share but the last is a pad that its worker derives from a key
+this client gave it when connecting; the last travels to the serving process
+padded with its own worker's key (`helpers.masks`). The answer comes back as
+the sum of padded output shares, and only this process, which made every
+key, can take the pads off: no worker and no serving process ever holds an
+opened input or result.
 """
 from __future__ import annotations
 
 import os
-import queue
 import threading
 import time
 import uuid
@@ -20,16 +21,17 @@ from typing import Callable, Iterator, List, Optional, Sequence, TypeVar
 import numpy as np
 import tensorflow as tf
 
-from . import attendance, mpc
+from . import attendance, masks, mpc
 from . import channel as ch
+from .calls import DirectFunction
 from .errors import ClusterError, NotConnectedError, StepTimeoutError
+from .relay import FrameError, RelayClient
 from .validation import check_input
 
 T = TypeVar("T")
 _HEALTH_EVERY = 0.5   # seconds between worker checks while waiting
 _POLL_MAX = 0.004      # longest pause between looks while connecting
 _STUCK_GRACE = 15.0    # past its own deadline, how long a call may take to come back
-_RELEASE_WAIT = 5.0    # how long a released request may take to end, when a worker is down
 _BYE_WAIT = 5.0        # how long a goodbye note may take, when disconnecting
 
 
@@ -56,9 +58,9 @@ def secret_share(encoded: np.ndarray, parties: int = 2) -> List[np.ndarray]:
     return shares + [last]
 
 
-def decode(combined: tf.Tensor, scaling_factor: float) -> np.ndarray:
-    """Fixed-point ring elements (int64) -> float32 values."""
-    return (combined.numpy().astype(np.float64) / scaling_factor).astype(np.float32)
+def decode(combined, scaling_factor: float) -> np.ndarray:
+    """Fixed-point ring elements (int64, an array or a tensor) -> float32 values."""
+    return (np.asarray(combined).astype(np.float64) / scaling_factor).astype(np.float32)
 
 
 class PrivateClient:
@@ -74,7 +76,8 @@ class PrivateClient:
         self.protocol_name = None
         self.channel = None
         self._lock = threading.Lock()  # one request in flight per client
-        self._caller = _Caller()
+        self._relay: Optional[RelayClient] = None
+        self._pads = DirectFunction(self._pads_graph)
         self._new_identity()
         self.last_open_device = None
         self._stuck: Optional[str] = None  # set when a call never came back
@@ -110,11 +113,44 @@ class PrivateClient:
                 "helpers status`, restart the cluster if needed, and connect again.") from None
 
     def _new_identity(self) -> None:
-        # A fresh id means fresh queues: an answer that arrives after we gave
-        # up on it lands in the old queues and can never be mistaken for a
-        # later answer.
+        # A fresh id means fresh keys and a fresh connection: an answer that
+        # comes after we gave up on it goes down a closed connection, and can
+        # never be mistaken for a later answer.
+        if self._relay is not None:
+            self._relay.close()
+        self._relay = None
         self.client_id = uuid.uuid4().hex
-        self._queues = None
+        self._keys = None
+        self._nonces = masks.Nonces()
+
+    def _pads_graph(self, keys, nonce):
+        """Every pad of one request, on this process's own device (see `helpers.masks`)."""
+        with tf.device(mpc.local_device()):
+            inputs = [masks.pad(self.input_shape, keys[p], nonce, masks.INPUT)
+                      for p in range(len(self.channel.devices))]
+            outputs = [masks.pad(self.output_shape, keys[p], nonce, masks.OUTPUT)
+                       for p in range(len(self.channel.devices))]
+            return tf.stack(inputs), tf.stack(outputs)
+
+    def _open_session(self, deadline: float) -> None:
+        """Give the workers fresh keys, then connect to the serving process.
+
+        The keys go first: the server's computation reads them as soon as a
+        request comes.
+        """
+        keys = masks.new_keys(len(self.channel.devices))
+        step = "handing the workers this client's keys"
+        queues = self.channel.keys(self.client_id)
+        mpc.call_with_timeout(lambda: self.channel.give_keys(queues, keys),
+                              max(1.0, deadline - time.monotonic()), step)
+        address = self.channel.served_at()
+        try:
+            self._relay = RelayClient(address, self.client_id,
+                                      int(np.prod(self.output_shape)) * 8)
+        except OSError as exc:
+            raise ClusterError(f"could not reach the serving process at {address} ({exc}). "
+                               "Is serve() still running? Connect again once it is.") from None
+        self._keys = tf.constant(keys)
 
     def connect(self, timeout: float) -> None:
         """Connect and wait until the model is served (up to ``timeout`` s).
@@ -151,9 +187,10 @@ class PrivateClient:
         self.channel = ch.Channel(self.protocol_name, self.model_name, self.input_shape,
                                   self.output_shape)
         self._scaling = float(self.protocol.fixedpoint_config.scaling_factor)
-        # The first request's calls, made now on private queues, so the first
-        # query holds no one up while it waits (see Channel.warm_up_asking).
-        self.channel.warm_up_asking()
+        self._open_session(deadline)
+        # Trace the pads now, so the first query does not wait for it: with
+        # nonce 0, which no request uses.
+        self._pads(self._keys, tf.constant(masks.nonce_words(0)))
         # Tell the server that someone is connected, so its owner does not
         # stop serving under us. Its own id: the note must not name our queues.
         self._session = uuid.uuid4().hex
@@ -166,7 +203,9 @@ class PrivateClient:
         already, there is nobody left to tell.
         """
         channel, self.channel = self.channel, None
-        self._caller.stop()
+        if self._relay is not None:
+            self._relay.close()
+            self._relay = None
         if channel is None or self._stuck is not None:
             return
         note = attendance.bye(self._session)
@@ -231,131 +270,40 @@ class PrivateClient:
         return copies
 
     def _query(self, x: np.ndarray, timeout: float, teaching_copy: bool = False) -> np.ndarray:
-        if self._queues is None:
-            self._queues = (self.channel.inputs(self.client_id),
-                            self.channel.outputs(self.client_id))
-        inputs, outputs = self._queues
-        shares = secret_share(encode(x, self._scaling), parties=len(inputs))
-        if teaching_copy:
-            keep = self.channel.teaching(self._session)
-            mpc.call_with_timeout(lambda: self.channel.keep_for_teaching(keep, shares), timeout,
-                                  "keeping a teaching copy")
-        step = "waiting for the private prediction"
-        ch.trace(f"client {self.client_id}: asking")
-        client_id, channel = self.client_id, self.channel
-        asking = self._caller.run(lambda: channel.ask(inputs, outputs, shares, client_id))
+        deadline = time.monotonic() + timeout
         try:
-            self._watch(asking, outputs, time.monotonic() + timeout, step)
-        except BaseException:
-            # Whatever went wrong, never reuse these queues: a late answer
-            # must not be taken for the answer to a later query.
+            if self._relay is None:
+                self._open_session(deadline)
+            nonce = self._nonces.next()
+            input_pads, output_pads = (t.numpy() for t in self._pads(self._keys,
+                                                                      tf.constant(nonce)))
+            encoded = encode(x, self._scaling)
+            if teaching_copy:
+                keep = self.channel.teaching(self._session)
+                shares = masks.shares_from_pads(encoded, input_pads)
+                mpc.call_with_timeout(lambda: self.channel.keep_for_teaching(keep, shares),
+                                      timeout, "keeping a teaching copy")
+            ch.trace(f"client {self.client_id}: asking")
+            padded = self._relay.ask(nonce.tobytes(),
+                                     masks.relayed_input(encoded, input_pads).tobytes(),
+                                     deadline, self._check_workers)
+        except BaseException as exc:
+            # Whatever went wrong, never reuse this connection or these keys: a
+            # late answer must not be taken for the answer to a later query.
             self._new_identity()
+            if isinstance(exc, tf.errors.OpError):
+                mpc.raise_for_op_error(self.cluster, exc, "while querying")
+            if isinstance(exc, FrameError):
+                raise ClusterError(f"the serving process answered out of turn ({exc}); "
+                                   "connect again") from None
             raise
-        if asking.error is not None:
-            self._new_identity()
-            if isinstance(asking.error, tf.errors.OpError):
-                mpc.raise_for_op_error(self.cluster, asking.error, "while querying")
-            raise asking.error
-        combined = asking.value
         ch.trace(f"client {self.client_id}: answered")
-        self.last_open_device = combined.device
-        return decode(combined, self._scaling)
+        answer = np.frombuffer(padded, np.int64).reshape(self.output_shape)
+        self.last_open_device = mpc.local_device()  # opened here, in this process
+        return decode(masks.open_answer(answer, output_pads), self._scaling)
 
-    def _watch(self, asking: "_Call", outputs, deadline: float, step: str) -> None:
-        """Wait for ``asking`` to return; check the workers meanwhile; bounded.
-
-        The request waits inside TensorFlow, in a helper thread. This thread
-        checks the workers every half second and ends the wait at the
-        deadline, or when a worker is down, by releasing the request's own
-        answer queues (see `Channel.release`).
-        """
-        while not asking.done.wait(max(0.0, min(_HEALTH_EVERY, deadline - time.monotonic()))):
-            if time.monotonic() >= deadline:
-                self._release(asking, outputs, step)
-                raise StepTimeoutError(f"timed out {step}. Is serve() running, with requests "
-                                       "left to answer?")
-            try:
-                self.cluster.check(during="while querying")
-            except Exception:
-                # End the wait, best effort, and give it a moment: a thread still
-                # inside TensorFlow when Python exits can abort the interpreter.
-                _Call.in_new_thread(lambda: self.channel.release(outputs))
-                asking.done.wait(_RELEASE_WAIT)
-                raise
-
-    def _release(self, asking: "_Call", outputs, step: str) -> None:
-        """End a request's wait; if even that does not come back, a worker is stuck."""
-        _Call.in_new_thread(lambda: self.channel.release(outputs))
-        if not asking.done.wait(_STUCK_GRACE):
-            self._stuck = step
-            raise StepTimeoutError(
-                f"a call to the workers made while {step} did not return within "
-                f"{_STUCK_GRACE:.0f} s of its timeout. A worker accepts connections but does "
-                "not respond: is one stopped or overloaded? Check them with `python -m "
-                "helpers status`, restart the cluster if needed, and connect again.")
-
-
-class _Call:
-    """``fn()``, to be run once in another thread; ``done`` is set when it returns or raises."""
-
-    def __init__(self, fn: Callable[[], T]) -> None:
-        self.value = None
-        self.error: Optional[BaseException] = None
-        self.done = threading.Event()
-        self._fn = fn
-
-    @classmethod
-    def in_new_thread(cls, fn: Callable[[], T]) -> "_Call":
-        """Start ``fn()`` in a daemon thread of its own."""
-        call = cls(fn)
-        threading.Thread(target=call.run, name="helpers: call to the workers",
-                         daemon=True).start()
-        return call
-
-    def run(self) -> None:
-        try:
-            self.value = self._fn()
-        except BaseException as exc:  # handed to the waiting thread
-            self.error = exc
-        finally:
-            self.done.set()
-
-
-class _Caller:
-    """One waiting daemon thread that makes a client's requests, one at a time.
-
-    Starting a thread for every request cost 0.6 ms on an idle machine and
-    about 1.6 ms in a client with TensorFlow's threads running; handing a
-    call to a thread that waits takes microseconds. A call that has not come
-    back (a stuck worker) keeps its thread: the next call gets a new thread,
-    and the old one ends once its call returns.
-    """
-
-    def __init__(self) -> None:
-        self._jobs: Optional[queue.SimpleQueue] = None
-        self._last: Optional[_Call] = None
-
-    def run(self, fn: Callable[[], T]) -> _Call:
-        """Start ``fn()`` on the waiting thread; the caller waits on the `_Call`."""
-        if self._jobs is None or (self._last is not None and not self._last.done.is_set()):
-            self.stop()
-            self._jobs = queue.SimpleQueue()
-            threading.Thread(target=self._take_calls, args=(self._jobs,),
-                             name="helpers: calls to the workers", daemon=True).start()
-        self._last = call = _Call(fn)
-        self._jobs.put(call)
-        return call
-
-    def stop(self) -> None:
-        """Let the thread end (after the call it is making, if any)."""
-        if self._jobs is not None:
-            self._jobs.put(None)
-            self._jobs = None
-
-    @staticmethod
-    def _take_calls(jobs: queue.SimpleQueue) -> None:
-        while (call := jobs.get()) is not None:
-            call.run()
+    def _check_workers(self) -> None:
+        self.cluster.check(during="while querying")
 
 
 @dataclass

@@ -104,9 +104,9 @@ class TFEWorker:
     def query_model(self, x, timeout: float = 60.0, teaching_copy: bool = False):
         """Privately predict on ``x``; returns the logits as a numpy array.
 
-        ``x`` is secret-shared here, only shares are sent, and the answer's
-        shares are combined here, on this process's own device. With
-        ``teaching_copy``, each worker that receives a share also keeps a copy
+        ``x`` is secret-shared here, only padded shares and keys leave this
+        process, and the answer is opened here (see `helpers.client`). With
+        ``teaching_copy``, each worker that holds a share also keeps a copy
         of it, for `worker_views` (a teaching aid).
         """
         if self._client is None:
@@ -115,7 +115,7 @@ class TFEWorker:
         return self._client.query(x, timeout=timeout, teaching_copy=teaching_copy)
 
     def worker_views(self, timeout: float = 60.0):
-        """What each worker received for the last ``teaching_copy=True`` query.
+        """What each worker holds for the last ``teaching_copy=True`` query.
 
         A list of int64 arrays, one per worker that holds a share (alice and
         bob with SecureNN), each read back from that worker's own device. The

@@ -15,7 +15,7 @@ class ServingLoop:
     caller's thread watches how long the current call to the workers has
     been running, and can ask the loop to finish after that call (an
     interrupt) or give up on it (a stuck worker).
-    A call that waits for tickets is not busy: it may wait as long as no
+    A call that waits for requests is not busy: it may wait as long as no
     request comes. It is woken by a nudge, and it is stuck only if it does not
     return after one.
     """
@@ -24,7 +24,7 @@ class ServingLoop:
                  num_requests: Optional[int], deadline: Optional[float],
                  timeout: Optional[float], quiet: bool = False) -> None:
         self._work = work
-        self._send_nudge = nudge  # wakes the wait for tickets on worker 0
+        self._send_nudge = nudge  # wakes the wait for requests
         self.quiet = quiet  # in the background: no line per request
         self.num_requests = num_requests
         self.deadline = deadline
@@ -48,7 +48,7 @@ class ServingLoop:
     def call(self, fn: Callable[[], T], waiting: bool = False) -> T:
         """Run one call to the workers, timed so the watcher can see a stuck one.
 
-        ``waiting``: the call waits for tickets, as long as none come.
+        ``waiting``: the call waits for requests, as long as none come.
         """
         self._nudged_at = None
         self._waiting = waiting
@@ -61,7 +61,7 @@ class ServingLoop:
     def busy_for(self) -> float:
         """Seconds the current call has been running (0 between calls).
 
-        For a wait for tickets: seconds since it was nudged (0 if not yet).
+        For a wait for requests: seconds since it was nudged (0 if not yet).
         """
         started, nudged = self._call_started, self._nudged_at
         if started is None:
@@ -71,17 +71,17 @@ class ServingLoop:
         return time.monotonic() - started
 
     def waiting_for(self) -> float:
-        """Seconds the current wait for tickets has gone un-nudged (0 otherwise)."""
+        """Seconds the current wait for requests has gone un-nudged (0 otherwise)."""
         started = self._call_started
         if started is None or not self._waiting or self._nudged_at is not None:
             return 0.0
         return time.monotonic() - started
 
     def nudge(self) -> None:
-        """Wake the wait for tickets, in a daemon thread (one nudge at a time).
+        """Wake the wait for requests, in a daemon thread (one nudge at a time).
 
-        If worker 0 is stuck, the nudge itself never returns: then its thread
-        stays behind, and `busy_for` shows the wait as stuck.
+        A nudge that never returns leaves its thread behind, and `busy_for`
+        then shows the wait as stuck.
         """
         if self._nudged_at is None:
             self._nudged_at = time.monotonic()

@@ -168,6 +168,17 @@ def _aby3():
 _PROTOCOL_CLASSES = {"securenn": _securenn, "aby3": _aby3}
 
 
+DRIVER_HOST_ENV = "HELPERS_DRIVER_HOST"
+
+
+def driver_host() -> str:
+    """This process's address on the workers' network ($HELPERS_DRIVER_HOST, else localhost).
+
+    The workers reach a driver there, and clients reach a serving process there.
+    """
+    return os.environ.get(DRIVER_HOST_ENV, "localhost")
+
+
 def _connect_to(hostmap: dict, timeout: float, during: str) -> None:
     # An OrderedDict: TF Encrypted prints a warning for a plain dict.
     tfe.set_config(tfe.RemoteConfig(OrderedDict(hostmap)))
@@ -180,7 +191,7 @@ def _connect_to(hostmap: dict, timeout: float, during: str) -> None:
     # The port is free when we pick it, but another process may take it before
     # TensorFlow binds it ("a probably-open port"): then pick another.
     for attempt in range(1, _DRIVER_PORT_ATTEMPTS + 1):
-        driver = f"{os.environ.get('HELPERS_DRIVER_HOST', 'localhost')}:{free_ports(1)[0]}"
+        driver = f"{driver_host()}:{free_ports(1)[0]}"
         spec = tf.train.ClusterSpec({"tfe": list(hostmap.values()), "localhost": [driver]})
         try:
             call_with_timeout(

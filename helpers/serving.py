@@ -12,18 +12,17 @@ import tensorflow as tf
 import tf_encrypted as tfe
 from tensorflow.python.ops import gen_data_flow_ops
 
-from . import attendance, layers, mpc
+from . import attendance, layers, masks, mpc
 from .calls import DirectFunction
 from . import channel as ch
 from .forward import forward_aby3, forward_securenn
 from .loop import ServingLoop
+from .relay import RelayServer
 from .errors import ClusterError, ServingStoppedError, StepTimeoutError, WorkerStuckError
 
 _HEALTH_EVERY = 0.5     # seconds between worker checks while idle
-_NUDGE_AFTER = 1.0      # an idle wait for tickets is woken this often, to look around
-_CHECK_BATCH = 32       # look at answered clients' queues once this many may hold answers
-_COLLECT_WAIT = 30.0    # how long the last answers may take to reach their clients
-_CACHED_CLIENTS = 64    # queue handles kept for the most recent clients
+_NUDGE_AFTER = 1.0      # an idle wait for requests is woken this often, to look around
+_CACHED_CLIENTS = 64    # key queue handles kept for the most recent clients
 _RECENT_FOR = 1.0       # a client answered this recently is likely to ask again soon
 _PROTOCOL_TITLES = {"securenn": "SecureNN", "aby3": "ABY3"}
 # One call to the workers (a look at the queues, or one private computation)
@@ -34,9 +33,8 @@ _WATCH_EVERY = 0.25     # how often serve() looks at its helper thread
 _INTERRUPT_GRACE = 10.0  # how long the request in progress may take after an interrupt
 _NOTES_EVERY = 0.5      # while idle, how often the server reads the clients' notes
 _WATCH_REPORT = 60.0    # watch_clients() says it is still watching this often
-# A client whose requests came alone this many times in a row gets the one-call
-# pass prepared for it (`_expect_graph`). SecureNN only: see `_expect_graph`.
-_EXPECT_AFTER = 2
+_NO_KEYS = ("the workers hold no keys for this client id: connect again (a client "
+            "gives the workers its keys before its first request)")
 
 
 def _check_model(model: tf.keras.Model, protocol: str = "securenn") -> None:
@@ -82,25 +80,22 @@ class SharedModel:
         self.served = 0
         self.max_requests = max_requests
         self.pass_sizes = pass_sizes(max_requests)
-        self._client_queues: dict = {}
-        self._uncollected: set = set()  # answered clients whose queues may hold an answer
-        self._check_at = _CHECK_BATCH  # look at their queues when that many
+        self._key_queues: dict = {}    # client id -> its key queues, most recent last
         self._recent: dict = {}        # client id -> when it was last answered
         self.attendance = attendance.Attendance()  # who is connected, from their notes
         self._events_watched = 0  # attendance events that watch_clients() has shown
         self._notes_read_at = 0.0
         self._watcher = None           # the thread that watches a background serve
         self.background_error: Optional[BaseException] = None
-        self.expected_answers = 0      # answered in the same call that waited for them
-        self._expect = None            # the one-call pass, once it is needed
-        self._expect_ready = threading.Event()
-        self._expect_thread: Optional[threading.Thread] = None
-        self._lone = (None, 0)         # the last lone request's client, and how many in a row
         self._pass_seconds: dict = {}  # pass size -> how long it last took
         start = time.monotonic()
         self.protocol = mpc.connect(cluster, timeout, during="while sharing the model",
                                     protocol=protocol)
         self.channel = ch.Channel(protocol, name, self.input_shape, self.output_shape)
+        self._share_bytes = int(np.prod(self.input_shape)) * 8
+        # Clients send their requests here, to this process (see `helpers.relay`).
+        self._relay = RelayServer(mpc.driver_host(), self._share_bytes)
+        self._warm_up_ids: dict = {}   # pass size -> ids whose keys the warm-up passes use
         # clone_model shares every weight: blocks if a worker is unreachable.
         self._tfe_model = mpc.call_with_timeout(lambda: tfe.keras.models.clone_model(model),
                                                 timeout, "sharing the model weights")
@@ -112,10 +107,6 @@ class SharedModel:
         for size in self.pass_sizes:
             mpc.call_with_timeout(lambda: self._warm_up(size), timeout,
                                   "preparing the private computation")
-        # The first calls of the wait for tickets and of its nudge, too, before
-        # anyone can be waiting on them.
-        mpc.call_with_timeout(self.channel.warm_up_waiting, timeout,
-                              "preparing the private computation")
         self.share_seconds = time.monotonic() - start
         if verbose:
             together = ("" if max_requests == 1 else
@@ -134,178 +125,137 @@ class SharedModel:
             return forward_aby3(self.protocol, self._tfe_model, shares, self.channel.devices)
         return forward_securenn(self.protocol, self._tfe_model, shares)
 
-    def _answer_graph(self, used, inputs, outputs) -> None:
+    def _answer_graph(self, used, relayed, nonces, keys):
         """One private computation for the requests of several clients.
 
-        ``inputs`` and ``outputs`` hold one tuple of queue handles (one per
-        share-holding worker) per request slot. The first ``used`` slots are
-        real requests. The others are padding: they compute on zeros, which
-        are public, and their answers go nowhere. The handles of a padding
-        slot are any valid ones (the first slot's): they are never touched.
+        ``relayed`` holds each request's padded last share, one slot after
+        another along the batch axis; ``nonces`` one nonce per slot; ``keys``
+        one tuple of key queue handles (one per share-holding worker) per
+        slot. Each worker derives its share of each request from that
+        client's key (`helpers.masks`): the last one takes its pad off the
+        relayed share, the others' shares are their pads. The first ``used``
+        slots are real requests. The others are padding: they compute on
+        zeros, which are public, and their answers go nowhere. The handles of
+        a padding slot are any valid ones (the first slot's): never touched.
+
+        Returns each slot's padded answer (the sum of the output shares, each
+        with its worker's pad), added here, and whether every worker held
+        that slot's key.
         """
         tfe.set_protocol(self.protocol)  # the shared layers use the current protocol
         devices = self.channel.devices
-        per_party = [[] for _ in devices]
-        for slot, handles in enumerate(inputs):
-            for party, (handle, device) in enumerate(zip(handles, devices)):
-                with tf.device(device):
-                    per_party[party].append(self._take_share(handle, slot, used))
-        shares, answers = [], []
-        for parts, device in zip(per_party, devices):
-            with tf.device(device):  # each worker joins its own shares
-                shares.append(tf.concat(parts, axis=0) if len(parts) > 1 else parts[0])
-        for share, device in zip(self._forward(shares), devices):
+        size, last = len(keys), len(devices) - 1
+        shares, held, found = [], [], []
+        for party, device in enumerate(devices):
+            with tf.device(device):  # each worker derives, and joins, its own shares
+                pieces = tf.split(relayed, size, axis=0) if party == last and size > 1 else [relayed]
+                parts, party_keys = [], []
+                for slot in range(size):
+                    share, key, has_key = self._derive_share(
+                        keys[slot][party], nonces[slot], pieces[slot] if party == last else None,
+                        slot, used)
+                    parts.append(share)
+                    party_keys.append(key)
+                    found.append(has_key)
+                shares.append(tf.concat(parts, axis=0) if size > 1 else parts[0])
+                held.append(party_keys)
+        padded = []
+        for party, (share, device) in enumerate(zip(self._forward(shares), devices)):
             with tf.device(device):
-                answers.append(tf.split(share, len(inputs), axis=0) if len(inputs) > 1
-                               else [share])
-        for slot, handles in enumerate(outputs):
-            for party, (handle, device) in enumerate(zip(handles, devices)):
-                with tf.device(device):
-                    self._put_share(handle, answers[party][slot], slot, used)
+                pieces = tf.split(share, size, axis=0) if size > 1 else [share]
+                padded.append(tf.concat([
+                    piece + masks.pad(self.output_shape, held[party][slot], nonces[slot],
+                                      masks.OUTPUT)
+                    for slot, piece in enumerate(pieces)], axis=0) if size > 1 else
+                    pieces[0] + masks.pad(self.output_shape, held[party][0], nonces[0],
+                                          masks.OUTPUT))
+        with tf.device(mpc.local_device()):
+            has_keys = tf.reduce_all(tf.reshape(tf.stack(found), [len(devices), size]), axis=0)
+            return tf.add_n(padded), has_keys  # int64 addition wraps: mod 2**64
 
-    def _take_share(self, handle, slot: int, used):
-        def take():
-            share = gen_data_flow_ops.queue_dequeue_v2(handle, component_types=[tf.int64])[0]
-            share.set_shape(self.input_shape)  # a dequeue does not know its shape
-            return share
+    def _derive_share(self, handle, nonce, relayed, slot: int, used):
+        """Graph code on one worker: (its share of one slot, the key used, whether it had one).
+
+        The key is taken from its queue and put straight back. A queue with
+        no key (a client that never gave one) gives an all-zero key, and the
+        slot is reported: its answer is refused, and the computation does not
+        wait for a key that never comes.
+        """
+        def derive():
+            key = tf.cond(gen_data_flow_ops.queue_size_v2(handle) > 0,
+                          lambda: self._take_key(handle),
+                          lambda: tf.zeros([masks.KEY_WORDS], tf.int32))
+            has_key = tf.reduce_any(tf.not_equal(key, 0))
+            own_pad = masks.pad(self.input_shape, key, nonce, masks.INPUT)
+            return (own_pad if relayed is None else relayed - own_pad), key, has_key
 
         if slot == 0:  # always a real request: no condition on the quickest path
-            return take()
-        return tf.cond(slot < used, take, lambda: tf.zeros(self.input_shape, tf.int64))
+            return derive()
+        return tf.cond(slot < used, derive,
+                       lambda: (tf.zeros(self.input_shape, tf.int64),
+                                tf.zeros([masks.KEY_WORDS], tf.int32), tf.constant(True)))
 
-    def _put_share(self, handle, share, slot: int, used) -> None:
-        def put():
-            with tf.control_dependencies([gen_data_flow_ops.queue_enqueue_v2(handle, [share])]):
-                return tf.constant(True)
-
-        if slot == 0:
-            put()
-        else:
-            tf.cond(slot < used, put, lambda: tf.constant(False))
+    @staticmethod
+    def _take_key(handle):
+        key = gen_data_flow_ops.queue_dequeue_v2(handle, component_types=[tf.int32])[0]
+        key.set_shape([masks.KEY_WORDS])
+        with tf.control_dependencies([gen_data_flow_ops.queue_enqueue_v2(handle, [key])]):
+            return tf.identity(key)
 
     def _pass_size(self, requests: int) -> int:
         """The smallest prepared pass that answers ``requests`` requests."""
         return next(size for size in self.pass_sizes if size >= requests)
 
-    def _answer(self, queues: list) -> None:
-        """Answer the requests whose (input, output) queues are ``queues``, in one pass."""
-        size = self._pass_size(len(queues))
-        padded = queues + [queues[0]] * (size - len(queues))
-        self._passes[size](tf.constant(len(queues)),
-                           [tuple(q.handle for q in inputs) for inputs, _ in padded],
-                           [tuple(q.handle for q in outputs) for _, outputs in padded])
+    def _compute(self, client_ids: list, relayed: list, nonces: list):
+        """The prepared pass for these requests: (padded answers, one per request; keys found)."""
+        count = len(client_ids)
+        size = self._pass_size(count)
+        zeros = bytes(self._share_bytes)
+        shares = np.concatenate([np.frombuffer(share, np.int64).reshape(self.input_shape)
+                                 for share in relayed + [zeros] * (size - count)])
+        nonce_words = np.stack([np.frombuffer(n, "<i4").astype(np.int32)
+                                for n in nonces + [nonces[0]] * (size - count)])
+        keys = [tuple(q.handle for q in self._keys_of(c)) for c in client_ids]
+        answers, has_keys = self._passes[size](
+            tf.constant(count), tf.constant(shares), tf.constant(nonce_words),
+            keys + [keys[0]] * (size - count))
+        rows = self.output_shape[0]
+        answers = answers.numpy()
+        return ([answers[i * rows:(i + 1) * rows] for i in range(count)],
+                list(has_keys.numpy()[:count]))
 
-    def _expect_graph(self, tickets, limit, client_id, inputs, outputs):
-        """Wait for tickets; if the only one is ``client_id``'s, answer it in this same call.
-
-        A client that asks one question after another, alone, is usually the
-        next to ask. Waiting for its ticket and computing in one call saves
-        the round trip to this process between the two: the computation
-        starts on the workers as soon as the ticket arrives. Returns the
-        tickets taken, and whether that request was answered here; any other
-        ticket (or more than one) is left to `_answer`, as usual.
-
-        Only for SecureNN. Under ABY3 it prepares too, but tracing it took
-        7 s on the seed CNN (sharing took 11 s), CPU that a lone client would
-        feel on two cores; ABY3 meets its batch-1 target with the two calls.
-        """
-        taken = self.channel.take_tickets_on_worker(tickets, limit)
-        with tf.device(self.channel.devices[0]):
-            expected = tf.logical_and(tf.equal(tf.size(taken), 1),
-                                      tf.equal(taken[0], client_id))
-            with tf.control_dependencies([taken]):
-                arrived = tf.timestamp()  # when the ticket came: for the report line only
-
-        def answer():
-            self._answer_graph(tf.constant(1), [inputs], [outputs])
-            return tf.constant(True)
-
-        answered = tf.cond(expected, answer, lambda: tf.constant(False))
-        with tf.device(mpc.local_device()):
-            return tf.identity(taken), tf.identity(answered), tf.identity(arrived)
-
-    def _answer_expected(self, client_id: str, limit: int):
-        """`_expect_graph` for ``client_id``: (ids of the tickets taken, answered here, seconds).
-
-        The seconds are from the ticket's arrival on worker 0 to now, by the
-        two machines' clocks (the same one on a single machine).
-        """
-        inputs, outputs = self._queues_of(client_id)
-        taken, answered, arrived = self._expect(
-            self.channel.tickets.handle, tf.constant(limit, tf.int32), tf.constant(client_id),
-            tuple(q.handle for q in inputs), tuple(q.handle for q in outputs))
-        seconds = max(0.0, time.time() - float(arrived.numpy()))
-        return [ticket.decode() for ticket in taken.numpy()], bool(answered.numpy()), seconds
-
-    def _note_lone_request(self, clients: list) -> None:
-        """Count lone requests in a row per client; prepare the one-call pass when due."""
-        if len(clients) != 1:
-            self._lone = (None, 0)
-            return
-        client, count = self._lone
-        self._lone = (clients[0], count + 1 if client == clients[0] else 1)
-        if (self._lone[1] >= _EXPECT_AFTER and self.protocol_name == "securenn"
-                and self._expect_thread is None):
-            # Traced in a thread of its own, so the client's next request does not
-            # wait for it; the serving loop uses it once it is ready.
-            self._expect_thread = threading.Thread(target=self._prepare_expect, daemon=True,
-                                                   name="helpers: preparing a pass")
-            self._expect_thread.start()
-
-    def _prepare_expect(self) -> None:
-        try:
-            self._expect = DirectFunction(self._expect_graph)
-            self._warm_up_expect()
-            self._expect_ready.set()
-        except Exception as exc:  # serving goes on without it, one round trip slower
-            print(f"Note: the one-call pass for a lone client could not be prepared ({exc}); "
-                  "serving goes on without it.", file=sys.stderr, flush=True)
-
-    def _warm_up_expect(self) -> None:
-        """Run `_expect_graph` once on an all-zero request with a private ticket queue."""
-        own = f"warm-up-{uuid.uuid4().hex}"
-        tickets = self.channel.private_tickets(own)
-        inputs, outputs = self.channel.inputs(own), self.channel.outputs(own)
-        for queue in inputs:
-            queue.enqueue(np.zeros(self.input_shape, dtype=np.int64))
-        tickets.enqueue(own)
-        _, answered, _ = self._expect(tickets.handle, tf.constant(1, tf.int32), tf.constant(own),
-                                   tuple(q.handle for q in inputs),
-                                   tuple(q.handle for q in outputs))
-        if not bool(answered.numpy()):
-            raise ClusterError("the workers did not answer a test request")
-        for queue in outputs:
-            queue.dequeue().numpy()
-
-    def _alone(self, client: str) -> bool:
-        """True when ``client`` is the only one answered in the last `_RECENT_FOR` s.
-
-        Only then is it worth waiting for that client's ticket alone: with
-        others around, their requests are better answered together.
-        """
-        now = time.monotonic()
-        return all(c == client for c, at in self._recent.items() if now - at <= _RECENT_FOR)
+    def _answer(self, requests: list) -> None:
+        """Answer ``requests`` in one pass, each down its own connection."""
+        answers, has_keys = self._compute([r.client_id for r in requests],
+                                          [r.padded_share for r in requests],
+                                          [r.nonce for r in requests])
+        for request, answer, has_key in zip(requests, answers, has_keys):
+            if has_key:
+                request.answer(answer.tobytes())
+            else:
+                request.fail(_NO_KEYS)
 
     def _warm_up(self, size: int) -> None:
-        """Answer ``size`` all-zero requests from private queues, tracing that pass."""
-        queues = []
-        zeros = np.zeros(self.input_shape, dtype=np.int64)
-        for _ in range(size):
-            own = f"warm-up-{uuid.uuid4().hex}"
-            queues.append((self.channel.inputs(own), self.channel.outputs(own)))
-            for queue in queues[-1][0]:
-                queue.enqueue(zeros)
-        self._answer(queues)
-        for _, outputs in queues:
-            for queue in outputs:
-                queue.dequeue().numpy()  # waits for the computation to finish
+        """Answer ``size`` all-zero requests of clients of our own, tracing that pass."""
+        ids = self._warm_up_ids.get(size)
+        if ids is None:
+            ids = [f"warmup{uuid.uuid4().hex}" for _ in range(size)]
+            for client_id in ids:
+                self.channel.give_keys(self._keys_of(client_id),
+                                       masks.new_keys(len(self.channel.devices)))
+            self._warm_up_ids[size] = ids
+        nonce = masks.nonce_words(0).tobytes()  # no real client ever uses nonce 0
+        _, has_keys = self._compute(ids, [bytes(self._share_bytes)] * size, [nonce] * size)
+        if not all(has_keys):
+            raise ClusterError("the workers lost the keys of a test request")
 
     def time_pass(self, repeats: int = 5) -> float:
         """Median seconds of one private computation for one request, without a client.
 
-        The server's own work per request: input shares (all zero; under MPC
-        the cost does not depend on the values) from its queues, the shared
-        model, output shares into queues. Not while serving.
+        The server's own work per request: shares that the workers derive
+        from keys of the server's own for an all-zero input (under MPC the
+        cost does not depend on the values), the shared model, padded output
+        shares added here. Not while serving.
         """
         if self.serving_in_background or (self._loop_thread is not None
                                           and self._loop_thread.is_alive()):
@@ -365,7 +315,7 @@ class SharedModel:
         self._check_not_stuck()
         self._let_previous_loop_finish()
         deadline = None if timeout is None else time.monotonic() + timeout
-        loop = ServingLoop(self._serve_requests, self.channel.nudge, num_requests, deadline,
+        loop = ServingLoop(self._serve_requests, self._relay.nudge, num_requests, deadline,
                            timeout)
         self._loop = loop
         thread = threading.Thread(target=loop.run, name="helpers: serving", daemon=True)
@@ -393,6 +343,7 @@ class SharedModel:
             if loop.busy_for() > stuck_after:
                 loop.abandon()
                 self._stuck = True
+                self._relay.close()  # the waiting clients hear of it now, not at their timeout
                 raise self._stuck_error(stuck_after)
             if loop.waiting_for() > _NUDGE_AFTER:
                 # Wake the idle wait now and then: to see the deadline, to read
@@ -427,7 +378,7 @@ class SharedModel:
         self._check_not_stuck()
         self._let_previous_loop_finish()
         self.background_error = None
-        loop = ServingLoop(self._serve_requests, self.channel.nudge, None, None, None,
+        loop = ServingLoop(self._serve_requests, self._relay.nudge, None, None, None,
                            quiet=True)
         self._loop = loop
         thread = threading.Thread(target=loop.run, name="helpers: serving", daemon=True)
@@ -550,11 +501,11 @@ class SharedModel:
     def _serve_requests(self, loop: ServingLoop) -> None:
         """The serving loop itself; runs in the helper thread of `serve`."""
         num_requests, deadline = loop.num_requests, loop.deadline
-        channel = self.channel
-        loop.call(channel.announce)
+        loop.call(lambda: self.channel.announce(self._relay.address))
         if self.verbose and not loop.quiet:
             total = "until stopped" if num_requests is None else f"{num_requests} requests"
             print(f"Serving {total} ...", flush=True)
+        requests: list = []
         try:
             while num_requests is None or loop.answered < num_requests:
                 if self._stopped or loop.finishing:
@@ -565,46 +516,54 @@ class SharedModel:
                         f"before its timeout of {loop.timeout:.0f} s. Are the clients running?")
                 limit = self.max_requests if num_requests is None else min(
                     self.max_requests, num_requests - loop.answered)
-                last = self._lone[0]
-                if last is not None and self._expect_ready.is_set() and self._alone(last):
-                    # The last requests came alone from one client: likely the next.
-                    ch.trace(f"server: expecting {last}")
-                    taken, answered, seconds = loop.call(
-                        lambda: self._answer_expected(last, limit), waiting=True)
-                    ch.trace(f"server: expected call returned {taken}, answered {answered}, "
-                             f"{seconds * 1000:.1f} ms after the ticket")
-                    if answered:
-                        self.expected_answers += 1
-                        self._answered([last], seconds, loop)
-                        continue
-                else:
-                    taken = loop.call(lambda: channel.take_tickets(limit), waiting=True)
-                    ch.trace(f"server: took {len(taken)} ticket(s)")
-                clients = [c for c in taken if c]  # empty ids are nudges: they only wake the wait
-                if not clients:
+                # Waits until a request comes or a nudge wakes it (see `_watch`).
+                requests = loop.call(lambda: self._relay.take(limit, None), waiting=True)
+                if not requests:
                     if time.monotonic() - self._notes_read_at >= _NOTES_EVERY:
                         self._read_notes(loop)  # idle: a good moment to see who came or left
                     continue
-                clients += self._gather(clients, limit, loop)
-                newcomer = any(c not in self._client_queues for c in clients)
+                requests = self._one_per_client(requests + self._gather(requests, limit))
+                clients = [r.client_id for r in requests]
+                newcomer = any(c not in self._key_queues for c in clients)
                 started = time.monotonic()
-                ch.trace(f"server: tickets {clients}")
-                loop.call(lambda: self._answer([self._queues_of(c) for c in clients]))
+                ch.trace(f"server: requests of {clients}")
+                loop.call(lambda: self._answer(requests))
                 took = time.monotonic() - started
+                requests = []
                 self._answered(clients, took, loop)
                 self._pass_seconds[self._pass_size(len(clients))] = took
-                self._note_lone_request(clients)
                 if newcomer:
                     # A new client said hello just before it asked: count it now, not
                     # only once the requests pause. Once per client, not per request.
                     self._read_notes(loop)
         except tf.errors.OpError as exc:
+            self._refuse(requests, "the private computation failed: a worker is down")
             self._raise_worker_problem(exc, "while serving")
-        if not loop.finishing:
-            self._wait_for_collection(loop)
 
-    def _gather(self, clients: list, limit: int, loop: ServingLoop) -> list:
-        """More tickets from clients that asked recently, if they come soon; bounded.
+    @staticmethod
+    def _refuse(requests: list, message: str) -> None:
+        for request in requests:
+            request.fail(message)
+
+    @staticmethod
+    def _one_per_client(requests: list) -> list:
+        """Refuse a second request under a client id already in this pass.
+
+        Each client connection sends one request at a time, so only two
+        connections that claim one id get here: each slot takes its client's
+        key and puts it back, so one key cannot serve two slots at once.
+        """
+        seen, kept = set(), []
+        for request in requests:
+            if request.client_id in seen:
+                request.fail("another connection uses this client id")
+            else:
+                seen.add(request.client_id)
+                kept.append(request)
+        return kept
+
+    def _gather(self, requests: list, limit: int) -> list:
+        """More requests from clients that asked recently, if they come soon; bounded.
 
         Clients that query one after another fall into groups that take turns:
         while one group's requests are computed, the next group's arrive. Each
@@ -617,62 +576,38 @@ class SharedModel:
         now = time.monotonic()
         for client in [c for c, at in self._recent.items() if now - at > _RECENT_FOR]:
             del self._recent[client]
-        expected = [c for c in self._recent if c not in clients]
-        room = limit - len(clients)
+        asked = {r.client_id for r in requests}
+        expected = [c for c in self._recent if c not in asked]
+        room = limit - len(requests)
         if not expected or room <= 0 or self.max_requests == 1:
             return []
         wanted = min(room, len(expected))
-        size = self._pass_size(len(clients) + wanted)
+        size = self._pass_size(len(requests) + wanted)
         known = self._pass_seconds
         window = 0.5 * known.get(size, max(known.values(), default=0.0))
-        if window <= 0:
-            return []
         more: list = []
-        # Wait for tickets inside TensorFlow, woken by a nudge when the window
-        # closes: polling would take CPU from the clients preparing requests.
-        timer = threading.Timer(window, loop.nudge)
-        timer.daemon = True
-        timer.start()
-        try:
-            while len(more) < wanted and not (self._stopped or loop.finishing):
-                taken = loop.call(lambda: self.channel.take_tickets(room - len(more)),
-                                  waiting=True)
-                more += [c for c in taken if c]
-                ch.trace(f"server: gathered {len(taken)} more (window {window * 1000:.0f} ms)")
-                if "" in taken or time.monotonic() >= now + window:
-                    break  # the window's nudge (or the watcher's) came
-        finally:
-            timer.cancel()  # one that already fired leaves a nudge: the loop skips it
+        closes = now + window
+        while len(more) < wanted and not (self._stopped or self._loop_finishing()):
+            left = closes - time.monotonic()
+            if left <= 0:
+                break
+            more += self._relay.take(room - len(more), left)
+        ch.trace(f"server: gathered {len(more)} more (window {window * 1000:.0f} ms)")
         return more
 
+    def _loop_finishing(self) -> bool:
+        return self._loop is not None and self._loop.finishing
+
     def _answered(self, clients: list, seconds: float, loop: ServingLoop) -> None:
-        """Count and report answered requests; note their clients for `_wait_for_collection`."""
+        """Count and report answered requests; note their clients for `_gather`."""
         ch.trace(f"server: answered {len(clients)}")
         now = time.monotonic()
         for client in clients:
             self._recent[client] = now
         loop.answered += len(clients)
         self.served += len(clients)
-        self._uncollected.update(clients)
         if self.verbose and not loop.quiet:
             self._report(len(clients), seconds)
-        if len(self._uncollected) >= self._check_at:
-            self._forget_collected(loop)
-            # Clients that never take their answers stay; look again only once
-            # as many more have come, so they cost no look per request.
-            self._check_at = max(_CHECK_BATCH, 2 * len(self._uncollected))
-
-    def _forget_collected(self, loop: ServingLoop) -> None:
-        """Drop the answered clients whose answer queues are empty: they took their answers.
-
-        One look per client still noted: those answered since the last look,
-        and any that never took an answer. A client that asks again and again
-        is noted once, so it costs no look per request.
-        """
-        for client in list(self._uncollected):
-            outputs = self._queues_of(client)[1]
-            if loop.call(lambda: self.channel.uncollected(outputs)) == 0:
-                self._uncollected.discard(client)
 
     def _read_notes(self, loop: ServingLoop) -> None:
         """Take the clients' hellos and goodbyes from the ``notes`` queue."""
@@ -687,32 +622,15 @@ class SharedModel:
             print(f"  requests {self.served - count + 1} to {self.served} answered together "
                   f"in {seconds * 1000:.0f} ms", flush=True)
 
-    def _queues_of(self, client_id: str):
-        """Input and output share queues of one client, looked up once per client."""
-        queues = self._client_queues.pop(client_id, None)
+    def _keys_of(self, client_id: str):
+        """One client's key queues, looked up once per client."""
+        queues = self._key_queues.pop(client_id, None)
         if queues is None:
-            queues = (self.channel.inputs(client_id), self.channel.outputs(client_id))
-        self._client_queues[client_id] = queues  # re-insert: most recently used last
-        while len(self._client_queues) > _CACHED_CLIENTS:
-            self._client_queues.pop(next(iter(self._client_queues)))
+            queues = self.channel.keys(client_id)
+        self._key_queues[client_id] = queues  # re-insert: most recently used last
+        while len(self._key_queues) > _CACHED_CLIENTS:
+            self._key_queues.pop(next(iter(self._key_queues)))
         return queues
-
-    def _wait_for_collection(self, loop: ServingLoop) -> None:
-        """Keep the workers needed until every answered client has taken its answer."""
-        deadline = time.monotonic() + _COLLECT_WAIT
-        try:
-            backoff = ch.Backoff(first=0.005, longest=0.1)
-            while self._uncollected and not loop.finishing:
-                self._forget_collected(loop)
-                if not self._uncollected or time.monotonic() >= deadline:
-                    break
-                backoff.pause()
-        except tf.errors.OpError as exc:
-            self._raise_worker_problem(exc, "while waiting for clients to collect answers")
-        if self._uncollected and self.verbose:
-            print(f"Warning: {len(self._uncollected)} answer(s) not collected by their "
-                  f"clients within {_COLLECT_WAIT:.0f} s.")
-        self._uncollected.clear()
 
     def _raise_worker_problem(self, exc: Exception, during: str) -> None:
         mpc.raise_for_op_error(self.cluster, exc, during)
@@ -737,13 +655,11 @@ class SharedModel:
             self._loop_thread.join(_INTERRUPT_GRACE)
         if self._watcher is not None:
             self._watcher.join(_INTERRUPT_GRACE)  # it ends with the loop
-        if self._expect_thread is not None:
-            # A thread left inside TensorFlow when Python exits can abort it.
-            self._expect_thread.join(_INTERRUPT_GRACE)
         try:
             mpc.call_with_timeout(self.channel.withdraw, 10.0, "withdrawing the model")
         except Exception:  # workers already gone: nothing left to withdraw
             pass
+        self._relay.close()  # connected clients see at once that nobody serves
         if self.verbose:
             print(f"Stopped serving after {self.served} requests.")
 

@@ -41,9 +41,9 @@ BACKGROUND = textwrap.dedent("""
     model.load_weights(weights)
     shared = share(model, cluster)
     # First calls wait for other calls to start (compat.FunctionTableGate):
-    # the wait for tickets and its nudge have had theirs before serving.
-    print("FIRST CALLS MADE", bool(shared.channel._nudge._traced),
-          bool(shared.channel._take_tickets._traced), flush=True)
+    # every private computation has had its first before serving.
+    print("FIRST CALLS MADE", all(bool(p._traced) for p in shared._passes.values()),
+          flush=True)
     shared.serve_in_background()
     print("RETURNED AT ONCE", shared.serving_in_background, flush=True)
     errors = []
@@ -55,9 +55,8 @@ BACKGROUND = textwrap.dedent("""
     a, b = TFEWorker(), TFEWorker()
     a.connect_to_model((1, 28, 28, 1), (1, 10), cluster, timeout=60)
     b.connect_to_model((1, 28, 28, 1), (1, 10), cluster, timeout=60)
-    # Connecting made the first calls of a request (Channel.warm_up_asking): a
-    # first query that waited for its answer in a first call would hold up the
-    # server's calls in this process.
+    # Connecting made the first call of a request (its pads): a first call in
+    # a query would hold up the server's calls in this process.
     compat.function_table.recording = True
     for i in range(2):
         check(i, a.query_model(images[i:i + 1], timeout=60))
@@ -109,7 +108,7 @@ def test_serving_in_the_background_answers_until_stopped_and_waits_for_clients(t
     proc = run_on_fresh_cluster(BACKGROUND, tmp_path, seed_weights, LOGIT_TOLERANCE, timeout=600)
     out = proc.stdout
     assert "RETURNED AT ONCE True" in out, out + proc.stderr[-3000:]
-    assert "FIRST CALLS MADE True True" in out
+    assert "FIRST CALLS MADE True" in out
     assert "FIRST CALLS WHILE QUERYING 0" in out, out
     assert "Serving in the background until stop() is called." in out
     assert "STATUS serving in the background: 2 request(s) answered; 2 client(s) connected now" \

@@ -1,9 +1,11 @@
-"""What a worker really holds: read the input share straight out of its queue.
+"""What a worker and the serving process really see of an image.
 
-A client sends the same image twice while no model is served (so nothing
-consumes the shares). A spy then takes both shares out of worker 0's queues,
-exactly the bytes that worker stores. They must differ between the two
-sends, spread over the whole 64-bit ring, and be unrelated to the pixels.
+A client sends the same image twice to a stand-in for the serving process,
+which only takes the requests and never answers. A spy then derives worker
+0's share of each request from the key worker 0 holds (exactly what that
+worker computes with), and also looks at the padded share that the serving
+process received. Both must differ between the two sends, spread over the
+whole 64-bit ring, and be unrelated to the pixels.
 """
 import json
 import textwrap
@@ -16,40 +18,54 @@ from conftest import run_on_fresh_cluster
 pytestmark = pytest.mark.integration
 
 SPY = textwrap.dedent("""
-    import json, sys, warnings
+    import json, sys, threading
     import numpy as np, tensorflow as tf
-    from helpers import TFECluster, TFEWorker, StepTimeoutError, load_mnist
+    from helpers import TFECluster, StepTimeoutError, load_mnist, masks
     from helpers import channel as ch, mpc
     from helpers.client import PrivateClient
     from helpers.models import as_model_input
+    from helpers.relay import RelayServer
 
     cluster = TFECluster.load(sys.argv[1], timeout=60, verbose=False)
     image = as_model_input(load_mnist()[1][0][:1])
-    client = PrivateClient((1, 28, 28, 1), (1, 10), cluster)
-    protocol = mpc.connect(cluster, 60, during="in the spy test")
-    client.protocol = protocol
-    client.channel = ch.Channel("securenn", "model", (1, 28, 28, 1), (1, 10))
-    client._scaling = float(protocol.fixedpoint_config.scaling_factor)
-    seen = []
+    mpc.connect(cluster, 60, during="in the spy test")
+    channel = ch.Channel("securenn", "spied", (1, 28, 28, 1), (1, 10))
+    relay = RelayServer("localhost", 28 * 28 * 8)  # takes requests, never answers
+    channel.announce(relay.address)
+    client = PrivateClient((1, 28, 28, 1), (1, 10), cluster, model_name="spied")
+    client.connect(timeout=60)
+    taken = []
     for _ in range(2):
-        sent_as = client.client_id
+        keys = client.channel.keys(client.client_id)
         try:
-            client.query(image, timeout=2)     # nobody serves: the shares stay queued
+            client.query(image, timeout=2)
         except StepTimeoutError:
             pass
-        queue0 = client.channel.inputs(sent_as)[0]
-        seen.append(queue0.dequeue().numpy().ravel().tolist())  # worker 0's share
+        request, = relay.take(1, 10)
+        key = keys[0].dequeue().numpy()  # what worker 0 holds for this client
+        share0 = masks.pad((1, 28, 28, 1), key, np.frombuffer(request.nonce, "<i4"),
+                           masks.INPUT).numpy()
+        relayed = np.frombuffer(request.padded_share, np.int64)
+        taken.append([share0.ravel().tolist(), relayed.tolist()])
+    channel.withdraw()
+    relay.close()
     pixels = np.rint(image.ravel() * client._scaling).astype(np.int64)
-    print(json.dumps({"shares": seen, "encoded": pixels.tolist()}))
+    client.close()
+    print(json.dumps({"seen": taken, "encoded": pixels.tolist()}))
 """)
 
 
-def test_a_worker_holds_fresh_random_shares_unrelated_to_the_image(tmp_path):
+def test_a_worker_and_the_server_see_fresh_random_values_unrelated_to_the_image(tmp_path):
     proc = run_on_fresh_cluster(SPY, tmp_path)
     seen = json.loads(proc.stdout.strip().splitlines()[-1])
-    first, second = (np.array(s, dtype=np.int64) for s in seen["shares"])
     encoded = np.array(seen["encoded"], dtype=np.int64)
     assert encoded.any(), "the image must not be blank for this test to mean anything"
+    for view in range(2):  # worker 0's share, then what the serving process got
+        _check_fresh_and_unrelated(*(np.array(sent[view], dtype=np.int64)
+                                     for sent in seen["seen"]), encoded)
+
+
+def _check_fresh_and_unrelated(first: np.ndarray, second: np.ndarray, encoded: np.ndarray):
     # Fresh randomness every time: the same image never gives the same share.
     assert not np.any(first == second)
     for share in (first, second):
