@@ -91,7 +91,7 @@ BOTH_PROTOCOLS = textwrap.dedent("""
     mpc.connect(cluster, 60, during="in the test")
     # Two serving processes, one per protocol, under the same model name.
     for protocol in mpc.PROTOCOLS:
-        ch.Channel(protocol, "model", (1, 28, 28, 1), (1, 10)).announce()
+        ch.Channel(protocol, "model", (1, 28, 28, 1), (1, 10)).announce("localhost:1")
     try:
         PrivateClient((1, 28, 28, 1), (1, 10), cluster).connect(timeout=30)
     except ClusterError as exc:
@@ -100,7 +100,7 @@ BOTH_PROTOCOLS = textwrap.dedent("""
 
 
 def test_a_model_name_served_with_both_protocols_is_refused(tmp_path):
-    # The queues are separate per protocol, so nothing could cross; but the
+    # The channels are separate per protocol, so nothing could cross; but the
     # client cannot know which one was meant, and must say so.
     proc = run_on_fresh_cluster(BOTH_PROTOCOLS, tmp_path)
     assert "refused: model 'model' is being served with securenn and aby3" in proc.stdout
@@ -115,8 +115,8 @@ ANNOUNCE_AND_WITHDRAW = textwrap.dedent("""
     channel = ch.Channel("securenn", "model", (1, 28, 28, 1), (1, 10))
     seen = []
     for _ in range(5):
-        channel.announce()
-        channel.announce()  # a second mark changes nothing (and must not wait for room)
+        channel.announce("localhost:1")
+        channel.announce("localhost:1")  # a second mark changes nothing (nor waits for room)
         seen.append(channel.waiting(channel.ready))
         channel.withdraw()
         channel.withdraw()  # nothing left to take: must not leave a dequeue waiting

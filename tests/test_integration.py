@@ -168,7 +168,8 @@ cluster = TFECluster.load(sys.argv[1], timeout=60, verbose=False)
 model = seed_cnn(batch_size=1)
 model.load_weights(weights)
 shared = share(model, cluster, verbose=False)
-shared.channel.announce()  # served, as far as clients can tell, but nobody answers yet
+# Served, as far as clients can tell, but nobody answers yet.
+shared.channel.announce(shared._relay.address)
 client = TFEWorker()
 client.connect_to_model((1, 28, 28, 1), (1, 10), cluster, timeout=60)
 began = time.monotonic()
@@ -177,7 +178,7 @@ try:
     print("RESULT answered?!")
 except StepTimeoutError as exc:
     print(f"TIMEOUT after {time.monotonic() - began:.1f} s: {exc}", flush=True)
-# Now serve both requests: the abandoned one (its ticket still waits) and a new one.
+# Now serve both requests: the abandoned one (it still waits) and a new one.
 serving = threading.Thread(target=shared.serve, kwargs=dict(num_requests=2, timeout=60))
 serving.start()
 second = client.query_model(images[1:2], timeout=60)[0]
@@ -189,9 +190,9 @@ print("SECOND", float(np.abs(second - plain[1]).max()), int(second.argmax()), in
 
 
 def test_an_unanswered_query_times_out_and_its_late_answer_reaches_nobody(tmp_path, seed_weights):
-    # The client waits inside TensorFlow for its answer. At its timeout it ends
-    # that wait itself and moves to fresh queues, so the answer to the
-    # abandoned request, computed later, can never be taken for the next one.
+    # At its timeout the client closes its connection to the serving process
+    # and asks the next time on a fresh one, with fresh keys, so the answer to
+    # the abandoned request, computed later, can never be taken for the next one.
     from conftest import run_on_fresh_cluster
 
     proc = run_on_fresh_cluster(UNANSWERED, tmp_path, seed_weights, timeout=600)
