@@ -139,11 +139,14 @@ class PrivateClient:
         request comes.
         """
         keys = masks.new_keys(len(self.channel.devices))
-        step = "handing the workers this client's keys"
-        queues = self.channel.keys(self.client_id)
-        mpc.call_with_timeout(lambda: self.channel.give_keys(queues, keys),
-                              max(1.0, deadline - time.monotonic()), step)
-        address = self.channel.served_at()
+        channel, client_id = self.channel, self.client_id
+
+        def give_keys() -> str:
+            channel.give_keys(channel.keys(client_id), keys)
+            return channel.served_at()
+
+        address = mpc.call_with_timeout(give_keys, max(1.0, deadline - time.monotonic()),
+                                        "handing the workers this client's keys")
         try:
             self._relay = RelayClient(address, self.client_id,
                                       int(np.prod(self.output_shape)) * 8)

@@ -93,9 +93,24 @@ class SharedModel:
                                     protocol=protocol)
         self.channel = ch.Channel(protocol, name, self.input_shape, self.output_shape)
         self._share_bytes = int(np.prod(self.input_shape)) * 8
+        self._warm_up_ids: dict = {}   # pass size -> ids whose keys the warm-up passes use
         # Clients send their requests here, to this process (see `helpers.relay`).
         self._relay = RelayServer(mpc.driver_host(), self._share_bytes)
-        self._warm_up_ids: dict = {}   # pass size -> ids whose keys the warm-up passes use
+        try:
+            self._prepare(model, timeout)
+        except BaseException:
+            self._relay.close()  # nothing will be served: let no client connect
+            raise
+        self.share_seconds = time.monotonic() - start
+        if verbose:
+            together = ("" if max_requests == 1 else
+                        f"; up to {max_requests} requests answered together")
+            print(f"Model shared across 3 workers with {_PROTOCOL_TITLES[protocol]} in "
+                  f"{self.share_seconds:.1f} s (input {self.input_shape}, "
+                  f"output {self.output_shape}{together}).")
+
+    def _prepare(self, model: tf.keras.Sequential, timeout: float) -> None:
+        """Share the weights, then trace and first-call every pass."""
         # clone_model shares every weight: blocks if a worker is unreachable.
         self._tfe_model = mpc.call_with_timeout(lambda: tfe.keras.models.clone_model(model),
                                                 timeout, "sharing the model weights")
@@ -107,19 +122,12 @@ class SharedModel:
         for size in self.pass_sizes:
             mpc.call_with_timeout(lambda: self._warm_up(size), timeout,
                                   "preparing the private computation")
-        self.share_seconds = time.monotonic() - start
-        if verbose:
-            together = ("" if max_requests == 1 else
-                        f"; up to {max_requests} requests answered together")
-            print(f"Model shared across 3 workers with {_PROTOCOL_TITLES[protocol]} in "
-                  f"{self.share_seconds:.1f} s (input {self.input_shape}, "
-                  f"output {self.output_shape}{together}).")
 
     def _forward(self, shares):
         """Run the shared model on a secret-shared input; returns output shares.
 
         Each input share is already on the worker that holds it (it was
-        dequeued there); so is each output share.
+        derived there); so is each output share.
         """
         if self.protocol_name == "aby3":
             return forward_aby3(self.protocol, self._tfe_model, shares, self.channel.devices)
