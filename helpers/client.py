@@ -299,6 +299,9 @@ class PrivateClient:
             if isinstance(exc, FrameError):
                 raise ClusterError(f"the serving process answered out of turn ({exc}); "
                                    "connect again") from None
+            if isinstance(exc, ClusterError):
+                # The server may have failed for a worker that is down: name it.
+                self.cluster.check(during="while querying")
             raise
         ch.trace(f"client {self.client_id}: answered")
         answer = np.frombuffer(padded, np.int64).reshape(self.output_shape)

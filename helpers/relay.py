@@ -24,7 +24,7 @@ and a reply can only go down the connection its request came from.
 from __future__ import annotations
 
 import queue
-import select
+import selectors
 import socket
 import struct
 import threading
@@ -230,6 +230,9 @@ class RelayClient:
         self._sock.settimeout(None)
         self._sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         send_frame(self._sock, HELLO, client_id.encode("ascii"))
+        # epoll where there is one: select() fails on descriptors past 1023.
+        self._readable = selectors.DefaultSelector()
+        self._readable.register(self._sock, selectors.EVENT_READ)
 
     def ask(self, nonce: bytes, padded_share: bytes, deadline: float,
             check: Callable[[], None], check_every: float = 0.5) -> bytes:
@@ -244,8 +247,7 @@ class RelayClient:
             if left <= 0:
                 raise StepTimeoutError("timed out waiting for the private prediction. "
                                        "Is serve() running, with requests left to answer?")
-            readable, _, _ = select.select([self._sock], [], [], min(check_every, left))
-            if readable:
+            if self._readable.select(min(check_every, left)):
                 break
             check()
         try:
@@ -261,6 +263,8 @@ class RelayClient:
         return payload[NONCE_BYTES:]
 
     def close(self) -> None:
+        """Close the connection: an answer still on its way goes nowhere."""
+        self._readable.close()
         try:
             self._sock.close()
         except OSError:

@@ -122,6 +122,11 @@ class SharedModel:
         for size in self.pass_sizes:
             mpc.call_with_timeout(lambda: self._warm_up(size), timeout,
                                   "preparing the private computation")
+        # The first read of the clients' notes, too: made while serving, a first
+        # call would hold up the calls of a client in this same process.
+        notes = mpc.call_with_timeout(self.channel.take_notes, timeout,
+                                      "reading the clients' notes")
+        self.attendance.record(attendance.read_notes(notes), 0)
 
     def _forward(self, shares):
         """Run the shared model on a secret-shared input; returns output shares.
@@ -545,8 +550,12 @@ class SharedModel:
                     # only once the requests pause. Once per client, not per request.
                     self._read_notes(loop)
         except tf.errors.OpError as exc:
-            self._refuse(requests, "the private computation failed: a worker is down")
-            self._raise_worker_problem(exc, "while serving")
+            try:
+                self._raise_worker_problem(exc, "while serving")
+            except BaseException as problem:  # which worker, for the waiting clients too
+                self._refuse(requests, f"the private computation failed: {problem}")
+                raise
+            raise
 
     @staticmethod
     def _refuse(requests: list, message: str) -> None:

@@ -8,7 +8,8 @@ import time
 
 import pytest
 
-from conftest import ROOT, run_on_fresh_cluster, run_python, spawn_helpers, wait_for_line
+from conftest import (LOGIT_TOLERANCE, ROOT, run_on_fresh_cluster, run_python, spawn_helpers,
+                      wait_for_line)
 from helpers import TFECluster, TFEWorker
 
 pytestmark = pytest.mark.integration
@@ -338,3 +339,64 @@ def test_a_client_moves_on_to_a_new_cluster_after_its_old_workers_are_gone(tmp_p
             client.kill()
             client.communicate()
     assert client.returncode == 0 and out.strip() == "second []", err[-2000:]
+
+
+NO_KEYS = textwrap.dedent("""
+    import sys, threading, time
+    import numpy as np
+    from helpers import ClusterError, TFECluster, TFEWorker, load_mnist, share
+    from helpers.models import as_model_input, plaintext_logits, seed_cnn
+    from helpers.relay import RelayClient
+
+    weights = sys.argv[2]
+    images = as_model_input(load_mnist()[1][0][:1])
+    plain = plaintext_logits(weights, images)
+    cluster = TFECluster.load(sys.argv[1], timeout=60, verbose=False)
+    model = seed_cnn(batch_size=1)
+    model.load_weights(weights)
+    shared = share(model, cluster, max_requests=4, verbose=False)
+    shared.channel.announce(shared._relay.address)  # serve() starts once both have asked
+    honest = TFEWorker()
+    honest.connect_to_model((1, 28, 28, 1), (1, 10), cluster, timeout=60)
+    # A client that never gave the workers any keys, straight to the relay.
+    stranger = RelayClient(shared._relay.address, "stranger", 10 * 8)
+    outcome = {}
+
+    def ask_stranger():
+        try:
+            stranger.ask(bytes(12), bytes(28 * 28 * 8), time.monotonic() + 60, lambda: None)
+            outcome["stranger"] = "answered"
+        except ClusterError as exc:
+            outcome["stranger"] = str(exc)
+
+    def ask_honest():
+        outcome["honest"] = honest.query_model(images, timeout=60)[0]
+
+    threads = [threading.Thread(target=ask_stranger), threading.Thread(target=ask_honest)]
+    for thread in threads:
+        thread.start()
+    deadline = time.monotonic() + 60
+    while shared._relay.waiting() < 2 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    print("WAITING", shared._relay.waiting(), flush=True)
+    serving = threading.Thread(target=shared.serve, kwargs=dict(num_requests=2, timeout=60))
+    serving.start()
+    for thread in threads:
+        thread.join(60)
+    serving.join(60)
+    print("STRANGER", outcome["stranger"])
+    print("HONEST", float(np.abs(outcome["honest"] - plain[0]).max()))
+    honest.disconnect()
+    shared.stop(wait_for_clients=0)
+""")
+
+
+def test_a_request_without_keys_is_refused_and_others_in_its_pass_are_answered(
+        tmp_path, seed_weights):
+    # A slot whose client gave no keys must neither hang the computation (its
+    # key queue is empty) nor spoil the other slots of the same pass.
+    proc = run_on_fresh_cluster(NO_KEYS, tmp_path, seed_weights, timeout=600)
+    out = proc.stdout
+    assert "WAITING 2" in out, out + proc.stderr[-2000:]
+    assert "STRANGER the serving process could not answer: the workers hold no keys" in out, out
+    assert float(out.split("HONEST")[1].split()[0]) < LOGIT_TOLERANCE, out
