@@ -133,17 +133,18 @@ class PrivateClient:
             return tf.stack(inputs), tf.stack(outputs)
 
     def _open_session(self, deadline: float) -> None:
-        """Give the workers fresh keys, then connect to the serving process.
+        """Check the served model's shapes, give the workers fresh keys, connect to the server.
 
-        The keys go first: the server's computation reads them as soon as a
-        request comes.
+        The keys go before any request: the server's computation reads them
+        as soon as one comes.
         """
         keys = masks.new_keys(len(self.channel.devices))
         channel, client_id = self.channel, self.client_id
 
         def give_keys() -> str:
+            address = channel.served_at()  # refuses other shapes before anything is sent
             channel.give_keys(channel.keys(client_id), keys)
-            return channel.served_at()
+            return address
 
         address = mpc.call_with_timeout(give_keys, max(1.0, deadline - time.monotonic()),
                                         "handing the workers this client's keys")
