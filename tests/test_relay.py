@@ -141,3 +141,36 @@ def test_a_nudge_wakes_a_waiting_take(server):
     started = time.monotonic()
     assert server.take(1, None) == []
     assert time.monotonic() - started < 5
+
+
+def published(text=None, **changes):
+    """A channel whose worker 0 "holds" this published model (no workers needed)."""
+    import json
+
+    import tensorflow as tf
+
+    from helpers import randomness
+    from helpers.channel import Channel
+
+    info = {"address": "localhost:1", "input_shape": [1, 28, 28, 1], "output_shape": [1, 10],
+            "randomness": randomness.source().kind, **changes}
+    channel = Channel.__new__(Channel)  # only what served_at reads
+    channel.input_shape, channel.output_shape = (1, 28, 28, 1), (1, 10)
+    channel._read_address = lambda: tf.constant(json.dumps(info) if text is None else text)
+    return channel
+
+
+def test_a_client_finds_the_server_and_refuses_other_shapes_first():
+    assert published().served_at() == "localhost:1"
+    with pytest.raises(ValueError, match=r"output shape \(1, 10\) does not match the served "
+                                         r"model's \(1, 3\)"):
+        published(output_shape=[1, 3]).served_at()
+    with pytest.raises(ValueError, match="input shape"):
+        published(input_shape=[1, 8, 8, 1]).served_at()
+
+
+def test_a_client_refuses_a_server_whose_pads_it_could_not_remove():
+    with pytest.raises(ClusterError, match="randomness source"):
+        published(randomness="something else").served_at()
+    with pytest.raises(ClusterError, match="published no address"):
+        published(text="").served_at()
