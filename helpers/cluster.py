@@ -478,9 +478,9 @@ class TFECluster:
         """
         for role, worker in zip(ROLES, self.workers):
             child = self._children.get(role)
-            if (child is not None and child.poll() is not None) or \
-                    not ports.still_answers(*ports.split_host(worker.host)):
-                raise WorkerDownError(worker.name, worker.host, during)
+            exit_code = None if child is None else child.poll()
+            if exit_code is not None or not ports.still_answers(*ports.split_host(worker.host)):
+                raise WorkerDownError(worker.name, worker.host, during, exit_code)
 
     def status(self) -> List[dict]:
         """One row per worker: name, role, address, pid, answering."""

@@ -3,6 +3,11 @@
 Every error says what failed and what to do about it, so a reader in a
 notebook can act on the message without reading a traceback.
 """
+import signal
+from typing import Optional
+
+# A worker killed by one of these crashed; SIGTERM and SIGKILL come from outside.
+_CRASH_SIGNALS = {signal.SIGSEGV, signal.SIGABRT, signal.SIGBUS, signal.SIGILL, signal.SIGFPE}
 
 
 class HelpersError(Exception):
@@ -25,15 +30,34 @@ class WorkerStartError(HelpersError):
     """A worker process exited or never started listening."""
 
 
+def describe_exit(code: int) -> str:
+    """A process's exit status in words, for example "killed by signal 11, SIGSEGV: a crash"."""
+    if code >= 0:
+        return f"exit status {code}"
+    number = -code
+    try:
+        name = signal.Signals(number).name
+    except ValueError:
+        return f"killed by signal {number}"
+    crashed = ": a crash inside the worker" if number in _CRASH_SIGNALS else ""
+    return f"killed by signal {number}, {name}{crashed}"
+
+
 class WorkerDownError(HelpersError):
     """A worker does not answer on its address."""
 
-    def __init__(self, name: str, host: str, during: str) -> None:
+    def __init__(self, name: str, host: str, during: str,
+                 exit_code: Optional[int] = None) -> None:
         self.worker = name
         self.host = host
         self.workers = [(name, host)]
+        self.exit_code = exit_code  # the worker process's, when this process started it
+        if exit_code is None:
+            what = "is not answering"
+        else:
+            what = f"has exited ({describe_exit(exit_code)})"
         super().__init__(
-            f"worker {name} ({host}) is not answering {during}. Is it running? "
+            f"worker {name} ({host}) {what} {during}. Is it running? "
             "Check its log (cluster.logs()), or start the cluster again."
         )
 

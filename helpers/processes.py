@@ -236,7 +236,11 @@ def cleanup_stale(grace: float = 3.0, verbose: bool = True) -> List[int]:
                       f"left by a process that has exited.")
             terminate(info["pid"], info.get("start_time"), grace)
             stopped.append(info["pid"])
-        shutil.rmtree(folder, ignore_errors=True)
+        # The record goes; the logs stay for an hour (the debris rule above):
+        # a cluster left behind is often one whose worker crashed, and its log
+        # says why.
+        pid_file.path.unlink(missing_ok=True)
+        os.utime(folder)
     return stopped
 
 

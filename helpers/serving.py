@@ -94,13 +94,11 @@ class SharedModel:
         self.channel = ch.Channel(protocol, name, self.input_shape, self.output_shape)
         self._share_bytes = int(np.prod(self.input_shape)) * 8
         self._warm_up_ids: dict = {}   # pass size -> ids whose keys the warm-up passes use
-        # Clients send their requests here, to this process (see `helpers.relay`).
-        self._relay = RelayServer(mpc.driver_host(), self._share_bytes)
-        try:
-            self._prepare(model, timeout)
-        except BaseException:
-            self._relay.close()  # nothing will be served: let no client connect
-            raise
+        # Clients send their requests to this process (see `helpers.relay`); it
+        # listens only once serving starts, so a model that is never served
+        # (the layer costs share dozens) leaves no socket or thread behind.
+        self._relay: Optional[RelayServer] = None
+        self._prepare(model, timeout)
         self.share_seconds = time.monotonic() - start
         if verbose:
             together = ("" if max_requests == 1 else
@@ -170,18 +168,17 @@ class SharedModel:
                     parts.append(share)
                     party_keys.append(key)
                     found.append(has_key)
-                shares.append(tf.concat(parts, axis=0) if size > 1 else parts[0])
+                shares.append(tf.concat(parts, axis=0))
                 held.append(party_keys)
         padded = []
         for party, (share, device) in enumerate(zip(self._forward(shares), devices)):
             with tf.device(device):
                 pieces = tf.split(share, size, axis=0) if size > 1 else [share]
+                # (tf.concat of one tensor is an identity: no cost at batch 1)
                 padded.append(tf.concat([
                     piece + masks.pad(self.output_shape, held[party][slot], nonces[slot],
                                       masks.OUTPUT)
-                    for slot, piece in enumerate(pieces)], axis=0) if size > 1 else
-                    pieces[0] + masks.pad(self.output_shape, held[party][0], nonces[0],
-                                          masks.OUTPUT))
+                    for slot, piece in enumerate(pieces)], axis=0))
         with tf.device(mpc.local_device()):
             has_keys = tf.reduce_all(tf.reshape(tf.stack(found), [len(devices), size]), axis=0)
             return tf.add_n(padded), has_keys  # int64 addition wraps: mod 2**64
@@ -328,8 +325,8 @@ class SharedModel:
         self._check_not_stuck()
         self._let_previous_loop_finish()
         deadline = None if timeout is None else time.monotonic() + timeout
-        loop = ServingLoop(self._serve_requests, self._relay.nudge, num_requests, deadline,
-                           timeout)
+        relay = self._open_relay()
+        loop = ServingLoop(self._serve_requests, relay.nudge, num_requests, deadline, timeout)
         self._loop = loop
         thread = threading.Thread(target=loop.run, name="helpers: serving", daemon=True)
         self._loop_thread = thread
@@ -347,6 +344,12 @@ class SharedModel:
         if loop.error is not None:
             raise loop.error
         return loop.answered
+
+    def _open_relay(self) -> RelayServer:
+        """The relay the clients send to: opened by the first serve, kept for the next."""
+        if self._relay is None:
+            self._relay = RelayServer(mpc.driver_host(), self._share_bytes)
+        return self._relay
 
     def _watch(self, thread: threading.Thread, loop: ServingLoop, stuck_after: float) -> None:
         """Watch the serving thread until it ends: stuck calls, idle waits, worker health."""
@@ -391,8 +394,8 @@ class SharedModel:
         self._check_not_stuck()
         self._let_previous_loop_finish()
         self.background_error = None
-        loop = ServingLoop(self._serve_requests, self._relay.nudge, None, None, None,
-                           quiet=True)
+        relay = self._open_relay()
+        loop = ServingLoop(self._serve_requests, relay.nudge, None, None, None, quiet=True)
         self._loop = loop
         thread = threading.Thread(target=loop.run, name="helpers: serving", daemon=True)
         self._loop_thread = thread
@@ -676,7 +679,8 @@ class SharedModel:
             mpc.call_with_timeout(self.channel.withdraw, 10.0, "withdrawing the model")
         except Exception:  # workers already gone: nothing left to withdraw
             pass
-        self._relay.close()  # connected clients see at once that nobody serves
+        if self._relay is not None:
+            self._relay.close()  # connected clients see at once that nobody serves
         if self.verbose:
             print(f"Stopped serving after {self.served} requests.")
 

@@ -51,7 +51,7 @@ WAITING_REQUESTS = textwrap.dedent("""
     model.load_weights(weights)
     shared = share(model, cluster, protocol=protocol, max_requests=4)
     # So that the clients connect; serve() starts later, on purpose.
-    shared.channel.announce(shared._relay.address)
+    shared.channel.announce(shared._open_relay().address)
     clients = []
     for _ in range(4):
         client = TFEWorker()

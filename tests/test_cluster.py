@@ -51,9 +51,19 @@ def test_context_manager_and_a_killed_worker_is_named():
         # Reaped, not just dying: a dying TensorFlow worker can keep its port
         # open for a moment while its threads exit.
         cluster._children["server1"].wait(timeout=10)
-        with pytest.raises(WorkerDownError, match="bob"):
+        with pytest.raises(WorkerDownError, match="bob") as down:
             cluster.check(during="in this test")
+        assert "has exited (killed by signal 9, SIGKILL) in this test" in str(down.value)
+        assert down.value.exit_code == -signal.SIGKILL
     assert not any(_alive(p) for p in pids.values())
+
+
+def test_a_worker_that_crashed_is_called_a_crash():
+    from helpers.errors import describe_exit
+
+    assert describe_exit(-signal.SIGSEGV) == "killed by signal 11, SIGSEGV: a crash inside the worker"
+    assert describe_exit(-signal.SIGTERM) == "killed by signal 15, SIGTERM"
+    assert describe_exit(3) == "exit status 3"
 
 
 def test_check_gives_a_silent_worker_time_before_calling_it_down():

@@ -355,7 +355,7 @@ NO_KEYS = textwrap.dedent("""
     model = seed_cnn(batch_size=1)
     model.load_weights(weights)
     shared = share(model, cluster, max_requests=4, verbose=False)
-    shared.channel.announce(shared._relay.address)  # serve() starts once both have asked
+    shared.channel.announce(shared._open_relay().address)  # serve() starts once both have asked
     honest = TFEWorker()
     honest.connect_to_model((1, 28, 28, 1), (1, 10), cluster, timeout=60)
     # A client that never gave the workers any keys, straight to the relay.

@@ -169,7 +169,7 @@ model = seed_cnn(batch_size=1)
 model.load_weights(weights)
 shared = share(model, cluster, verbose=False)
 # Served, as far as clients can tell, but nobody answers yet.
-shared.channel.announce(shared._relay.address)
+shared.channel.announce(shared._open_relay().address)
 client = TFEWorker()
 client.connect_to_model((1, 28, 28, 1), (1, 10), cluster, timeout=60)
 began = time.monotonic()

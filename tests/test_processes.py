@@ -54,7 +54,10 @@ def test_stale_workers_are_stopped_and_live_owners_left_alone(helpers_home):
         assert stopped == [stale_worker.pid]
         assert stale_worker.wait(timeout=10) is not None
         assert live_worker.poll() is None
-        assert not (home / "stale").exists() and (home / "live").exists()
+        assert (home / "live" / processes.PIDS_FILE).exists()
+        # The stale record is gone; its folder (the workers' logs) is kept a while.
+        assert not (home / "stale" / processes.PIDS_FILE).exists()
+        assert (home / "stale").is_dir()
     finally:
         for proc in (stale_worker, live_worker):
             proc.kill()
@@ -128,3 +131,21 @@ def test_launched_workers_share_the_cores_unless_the_user_chose(monkeypatch):
     assert processes.worker_environment()[processes.INTRA_OP_THREADS_ENV] == "1"
     monkeypatch.setenv(processes.INTRA_OP_THREADS_ENV, "3")
     assert processes.worker_environment()[processes.INTRA_OP_THREADS_ENV] == "3"
+
+
+def test_folders_without_a_record_are_kept_an_hour_then_removed(helpers_home):
+    import os
+    import time
+
+    home = processes.state_home()
+    old, recent = home / "old", home / "recent"
+    for folder in (old, recent):
+        folder.mkdir(parents=True)
+        (folder / "server0.log").write_text("why the worker stopped\n")
+    an_hour_ago = time.time() - 3700
+    os.utime(old, (an_hour_ago, an_hour_ago))
+
+    assert processes.cleanup_stale(verbose=False) == []
+
+    assert not old.exists()
+    assert (recent / "server0.log").read_text() == "why the worker stopped\n"
