@@ -63,6 +63,15 @@ def decode(combined, scaling_factor: float) -> np.ndarray:
     return (np.asarray(combined).astype(np.float64) / scaling_factor).astype(np.float32)
 
 
+def report_gap(waited: float) -> float:
+    """Seconds until the next "still waiting" line, after ``waited`` s of waiting.
+
+    5 s at first, then as long as the wait so far (at 5, 10, 20, 40, 80 s),
+    at most a minute: a long wait shows it is alive without filling the cell.
+    """
+    return min(60.0, max(5.0, waited))
+
+
 class PrivateClient:
     """A client of one served model. Used through `TFEWorker.connect_to_model`."""
 
@@ -235,7 +244,7 @@ class PrivateClient:
             if now - last_health >= _HEALTH_EVERY:
                 self.cluster.check(during=step)
                 last_health = now
-            if progress and now - last_report >= 5.0:
+            if progress and now - last_report >= report_gap(last_report - start):
                 print(f"  still {step} ... {now - start:.0f} s")
                 last_report = now
             backoff.pause(limit=deadline - now)

@@ -9,6 +9,7 @@ private pass costs anyway: queues and messages.
 """
 from __future__ import annotations
 
+import gc
 import time
 from typing import List, Optional
 
@@ -85,7 +86,14 @@ def layer_costs(cluster, repeats: int = 5, verbose: bool = True) -> List[dict]:
                            name=f"layer-cost-{index}")
             row[f"{protocol}_ms"] = 1000 * shared.time_pass(repeats)
             # Never served, so there is nothing to stop: no stop(), whose look at
-            # the "served" mark would trace one more function per model.
+            # the "served" mark would trace one more function per model. But a
+            # shared model is a reference cycle (its traced passes call its own
+            # methods), so free it now: its functions are then removed from the
+            # workers now, not by a later collection that may come just as the
+            # workers stop (TensorFlow then prints "Failed to remove function
+            # remotely", into the cell that stops them).
+            del shared
+            gc.collect()
         results.append(row)
     return results
 

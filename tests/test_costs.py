@@ -7,11 +7,14 @@ from conftest import run_on_fresh_cluster
 from helpers.costs import layer_costs_table
 
 COSTS = textwrap.dedent("""
-    import json, sys, threading
+    import gc, json, sys, threading
     from helpers import TFECluster, layer_costs
+    from helpers.serving import SharedModel
+    gc.disable()  # only layer_costs' own collections free reference cycles
     cluster = TFECluster.load(sys.argv[1], timeout=60, verbose=False)
     print("ROWS", json.dumps(layer_costs(cluster, repeats=2, verbose=False)))
     print("RELAYS", sum(t.name == "helpers: relay" for t in threading.enumerate()))
+    print("LEFT", sum(isinstance(o, SharedModel) for o in gc.get_objects()))
 """)
 
 
@@ -33,6 +36,9 @@ def test_every_layer_is_timed_with_each_protocol_that_serves_it(tmp_path):
         assert row["aby3_ms"] > 0 and (row["securenn_ms"] is None or row["securenn_ms"] > 0)
     # Models shared only to be timed are never served: none listens for clients.
     assert "RELAYS 0" in proc.stdout.splitlines()
+    # Nor do they linger until a later collection, which could free their
+    # functions just as the workers stop ("Failed to remove function remotely").
+    assert "LEFT 0" in proc.stdout.splitlines()
 
 
 def test_the_table_shows_each_private_time_as_a_multiple_of_the_baseline():

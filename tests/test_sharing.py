@@ -73,3 +73,18 @@ def test_shares_add_up_mod_2_64_and_decode_to_the_values():
 
 def test_this_process_opens_on_its_own_cpu():
     assert local_device() == "/job:localhost/replica:0/task:0/device:CPU:0"
+
+
+def test_a_long_wait_reports_less_and_less_often_but_at_least_every_minute():
+    from helpers.client import report_gap
+
+    reports, last = [], 0.0
+    for tenth in range(1, 6000):  # ten minutes of waiting, looked at every 0.1 s
+        now = tenth / 10
+        if now - last >= report_gap(last):
+            reports.append(round(now))
+            last = now
+    assert reports[:5] == [5, 10, 20, 40, 80]
+    assert len([r for r in reports if r <= 60]) == 4  # not one line per 5 s
+    gaps = [b - a for a, b in zip(reports, reports[1:])]
+    assert max(gaps) == 60 and reports[-1] >= 540  # never silent for more than a minute
