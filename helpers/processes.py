@@ -239,8 +239,11 @@ def cleanup_stale(grace: float = 3.0, verbose: bool = True) -> List[int]:
         # The record goes; the logs stay for an hour (the debris rule above):
         # a cluster left behind is often one whose worker crashed, and its log
         # says why.
-        pid_file.path.unlink(missing_ok=True)
-        os.utime(folder)
+        try:
+            pid_file.path.unlink(missing_ok=True)
+            os.utime(folder)
+        except OSError:
+            pass  # another process cleaned it up at the same moment
     return stopped
 
 
